@@ -1,0 +1,17 @@
+"""The few places where transformers 5.17 and later 5.x releases spell things differently."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+
+from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
+
+# transformers renamed `past_key_values` to `cache` (kwarg and output field) during 5.x.
+CACHE_FIELD = "cache" if "cache" in {f.name for f in fields(CausalLMOutputWithCrossAttentions)} else "past_key_values"
+
+
+def pick_cache(cache, past_key_values):
+    """The cache a caller passed under either name; both at once is an error."""
+    if cache is not None and past_key_values is not None:
+        raise ValueError("Pass the KV cache once: either `cache` or `past_key_values`, not both.")
+    return cache if cache is not None else past_key_values

@@ -1,0 +1,138 @@
+"""The three numerical divergences of GPTMeg from GPT-2, as plain PyTorch ops.
+
+Each op reproduces what Megatron-DeepSpeed computes in fp16 on a GPU, on every device:
+
+1. ``MegatronLayerNorm`` - layer norm of a half/bfloat16 input computed in fp32 and rounded once.
+2. ``MegatronGELU`` - Megatron's tanh GELU computed in fp32 and rounded once (what its fused jit kernel does),
+   with the analytic backward Megatron uses.
+3. ``attention_scores`` - ``alpha * Q @ K^T`` with the scale applied inside the GEMM on the fp32 accumulator
+   (``torch.baddbmm(..., beta=0, alpha=alpha)``), so the score is rounded once.
+
+fp32 and fp64 inputs are computed in their own precision: the divergences only matter below fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+__all__ = [
+    "GELU_TANH_COEF",
+    "GELU_CUBIC_COEF",
+    "MegatronLayerNorm",
+    "MegatronGELU",
+    "megatron_gelu",
+    "megatron_gelu_formula",
+    "megatron_gelu_backward",
+    "attention_scores",
+    "is_exporting",
+]
+
+# Megatron's literals (megatron/model/fused_bias_gelu.py), kept verbatim: they are part of the numerics.
+GELU_TANH_COEF = 0.79788456  # ~ sqrt(2 / pi)
+GELU_CUBIC_COEF = 0.044715
+GELU_BACKWARD_CUBIC_COEF = 0.1070322243  # = 3 * 0.044715 * 0.79788456
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for half/bfloat16 tensors, the tensor's own dtype for fp32/fp64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def is_exporting() -> bool:
+    """True while torch.export / torch.onnx.export traces the model."""
+    return bool(torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export())
+
+
+# --- 1. LayerNorm in fp32 -------------------------------------------------------------------------------------
+
+
+class MegatronLayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` that normalises half/bfloat16 input in fp32 (input, weight and bias upcast) and casts the
+    result back to the input dtype once. Parameter names are nn.LayerNorm's, so GPT-2 checkpoints load as is."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if hidden_states.dtype not in _LOW_PRECISION:
+            return super().forward(hidden_states)
+        weight = self.weight.float() if self.weight is not None else None
+        bias = self.bias.float() if self.bias is not None else None
+        normed = F.layer_norm(hidden_states.float(), self.normalized_shape, weight, bias, self.eps)
+        return normed.to(hidden_states.dtype)
+
+
+# --- 2. Megatron GELU -------------------------------------------------------------------------------------------
+
+
+def megatron_gelu_formula(x: torch.Tensor) -> torch.Tensor:
+    """Megatron's tanh GELU in the dtype of ``x``, operation order as in Megatron's source."""
+    return x * 0.5 * (1.0 + torch.tanh(GELU_TANH_COEF * x * (1.0 + GELU_CUBIC_COEF * x * x)))
+
+
+def megatron_gelu_backward(x: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
+    """Megatron's analytic GELU derivative times ``grad_output``, computed in the dtype of ``x``."""
+    tanh_out = torch.tanh(GELU_TANH_COEF * x * (1.0 + GELU_CUBIC_COEF * x * x))
+    ff = 0.5 * x * ((1.0 - tanh_out * tanh_out) * (GELU_TANH_COEF + GELU_BACKWARD_CUBIC_COEF * x * x)) + 0.5 * (
+        1.0 + tanh_out
+    )
+    return ff * grad_output
+
+
+class _MegatronGeluFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x)
+        return megatron_gelu_formula(x.to(_compute_dtype(x.dtype))).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        compute = _compute_dtype(x.dtype)
+        return megatron_gelu_backward(x.to(compute), grad_output.to(compute)).to(grad_output.dtype)
+
+
+def megatron_gelu(x: torch.Tensor) -> torch.Tensor:
+    """Megatron GELU: every intermediate in fp32 (for half/bfloat16 input), one rounding on the way out.
+
+    With autograd recording, the custom backward is used; otherwise (inference, export tracing) the formula is
+    applied directly, which traces to ``Cast(fp32) -> formula -> Cast(fp16)`` in an exported graph.
+    """
+    if torch.is_grad_enabled() and x.requires_grad and not is_exporting():
+        return _MegatronGeluFunction.apply(x)
+    return megatron_gelu_formula(x.to(_compute_dtype(x.dtype))).to(x.dtype)
+
+
+class MegatronGELU(nn.Module):
+    """Module form of :func:`megatron_gelu` (transformers' ``ACT2FN`` holds modules)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return megatron_gelu(x)
+
+
+# --- 3. Attention scores by baddbmm ----------------------------------------------------------------------------
+
+
+def attention_scores(query: torch.Tensor, key: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Scaled attention scores ``alpha * query @ key^T``, rounded once.
+
+    query: (batch, heads, q_len, head_dim); key: (batch, heads, k_len, head_dim) - keys keep their own length,
+    which differs from q_len when a KV cache is used. Returns (batch, heads, q_len, k_len) in query's dtype.
+
+    Eager: ``torch.baddbmm(zeros, Q, K^T, beta=0, alpha=alpha)`` (Megatron's call). The buffer is zero-filled
+    rather than ``torch.empty`` so no uninitialised memory is ever an operand.
+    Export: the same arithmetic spelled so that the ONNX graph keeps it - QK^T in fp32, times alpha in fp32, one
+    cast to the model dtype - because an ONNX ``MatMul`` in fp16 would round before the scale.
+    """
+    batch, heads, q_len, head_dim = query.shape
+    k_len = key.shape[-2]
+    q = query.reshape(batch * heads, q_len, head_dim)  # (B*H, Tq, D)
+    k_t = key.reshape(batch * heads, k_len, head_dim).transpose(1, 2)  # (B*H, D, Tk)
+    if is_exporting():
+        compute = _compute_dtype(query.dtype)
+        scores = (torch.bmm(q.to(compute), k_t.to(compute)) * alpha).to(query.dtype)
+    else:
+        buffer = torch.zeros(batch * heads, q_len, k_len, dtype=query.dtype, device=query.device)
+        scores = torch.baddbmm(buffer, q, k_t, beta=0.0, alpha=alpha)
+    return scores.view(batch, heads, q_len, k_len)
