@@ -49,3 +49,19 @@ def left_padded_batch():
     input_ids[0, :3] = SMALL["pad_token_id"]
     attention_mask[0, :3] = 0
     return input_ids, attention_mask
+
+
+@pytest.fixture(scope="session")
+def tiny_exports(tmp_path_factory):
+    """Exports of the built-in model, made once per test session: {"fp32": ExportResult, "fp16": ExportResult}."""
+    from export import export_model
+
+    root = tmp_path_factory.mktemp("exports")
+    cache = {}
+
+    def get(dtype: str):
+        if dtype not in cache:
+            cache[dtype] = export_model(None, root / f"tiny-{dtype}", dtype=dtype)
+        return cache[dtype]
+
+    return get

@@ -1,0 +1,103 @@
+"""manifest.json: what a later step needs to know about an export without loading the model."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+__all__ = ["MANIFEST_NAME", "FORMAT", "sha256_file", "file_digests", "graph_io", "package_versions", "write_manifest",
+           "read_manifest", "ManifestError"]
+
+MANIFEST_NAME = "manifest.json"
+FORMAT = "gptmeg-export/1"
+_ONNX_TYPES = {
+    onnx.TensorProto.FLOAT: "float32",
+    onnx.TensorProto.FLOAT16: "float16",
+    onnx.TensorProto.BFLOAT16: "bfloat16",
+    onnx.TensorProto.INT64: "int64",
+    onnx.TensorProto.INT32: "int32",
+    onnx.TensorProto.BOOL: "bool",
+}
+
+
+class ManifestError(ValueError):
+    pass
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_digests(folder: Path) -> dict[str, dict[str, Any]]:
+    """sha256 and size of every file under ``folder`` (relative POSIX paths), manifest excluded."""
+    return {
+        p.relative_to(folder).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != MANIFEST_NAME
+    }
+
+
+def graph_io(model: onnx.ModelProto) -> dict[str, list[dict[str, Any]]]:
+    """Names, dtypes and shapes (symbolic dims by name) of the graph's inputs and outputs."""
+
+    def describe(value):
+        tensor = value.type.tensor_type
+        shape = [d.dim_param if d.dim_param else d.dim_value for d in tensor.shape.dim]
+        return {
+            "name": value.name,
+            "dtype": _ONNX_TYPES.get(tensor.elem_type, str(tensor.elem_type)),
+            "shape": shape,
+            "dynamic_axes": {str(i): d for i, d in enumerate(shape) if isinstance(d, str)},
+        }
+
+    return {"inputs": [describe(v) for v in model.graph.input], "outputs": [describe(v) for v in model.graph.output]}
+
+
+def package_versions() -> dict[str, str | None]:
+    versions = {}
+    for name in ("torch", "transformers", "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu", "gptmeg-deploy"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def write_manifest(folder: Path, content: dict[str, Any]) -> Path:
+    manifest = {
+        "format": FORMAT,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **content,
+        "files": file_digests(folder),
+    }
+    path = folder / MANIFEST_NAME
+    path.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    return path
+
+
+def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
+    """The manifest of an export folder, with a clear error when the folder is not an export."""
+    folder = Path(folder)
+    path = folder / MANIFEST_NAME
+    if not folder.is_dir():
+        raise ManifestError(f"{folder} is not a folder. Pass a folder written by `python -m export`.")
+    if not path.is_file():
+        raise ManifestError(f"{folder} has no {MANIFEST_NAME}: it is not a `python -m export` output folder.")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ManifestError(f"{path} is not valid JSON ({error}); re-export the model.") from None
+    if manifest.get("format") != FORMAT:
+        raise ManifestError(f"{path} has format {manifest.get('format')!r}, expected {FORMAT!r}; re-export the model.")
+    return manifest

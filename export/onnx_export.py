@@ -1,0 +1,102 @@
+"""torch -> ONNX for the GPTMeg decoder with KV cache (``torch.onnx.export(dynamo=True)``)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+from torch.export import Dim
+
+from gptmeg import GPTMegLMHeadModel
+
+from .decoder import DecoderWithPast, input_names, output_names
+
+__all__ = ["MIN_OPSET", "DEFAULT_OPSET", "ExportError", "export_decoder"]
+
+MIN_OPSET = 17  # LayerNormalization
+DEFAULT_OPSET = 18
+MODEL_FILE = "model.onnx"
+
+
+class ExportError(RuntimeError):
+    pass
+
+
+def _sample_inputs(model: GPTMegLMHeadModel, batch: int = 2, seq: int = 3, past: int = 4):
+    """Inputs for tracing. Every dynamic size is >= 2 and distinct, or the exporter would specialise it."""
+    config = model.config
+    head_dim = config.n_embd // config.n_head
+    input_ids = torch.zeros(batch, seq, dtype=torch.long)
+    attention_mask = torch.ones(batch, past + seq, dtype=torch.long)
+    position_ids = torch.arange(past, past + seq, dtype=torch.long).expand(batch, seq).contiguous()
+    past_kv = tuple(
+        torch.zeros(batch, config.n_head, past, head_dim, dtype=model.dtype) for _ in range(2 * config.n_layer)
+    )
+    return (input_ids, attention_mask, position_ids, *past_kv)
+
+
+def _dynamic_shapes(n_layer: int):
+    batch, seq, total, past = Dim("batch"), Dim("sequence"), Dim("total_sequence"), Dim("past_sequence")
+    # the attention mask gets a dim of its own (past + sequence is not expressible as an input Dim)
+    kv = tuple({0: batch, 2: past} for _ in range(2 * n_layer))
+    return ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq}, kv)
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The exporter logs and warns a lot about things that do not concern the user (torchvision ops, deprecated
+    internals); keep the terminal for our own progress. Errors still raise."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def export_decoder(model: GPTMegLMHeadModel, folder: Path, opset: int = DEFAULT_OPSET) -> Path:
+    """Trace ``model`` (in its own dtype, on CPU) to ``folder/model.onnx``; returns the path.
+
+    Weights above ONNX's 2 GB protobuf limit are written as external data (``model.onnx.data``) automatically.
+    """
+    if opset < MIN_OPSET:
+        raise ExportError(f"--opset {opset} is too old: the fp32 LayerNorm island needs LayerNormalization (opset "
+                          f">= {MIN_OPSET}).")
+    n_layer = model.config.n_layer
+    wrapper = DecoderWithPast(model.eval()).eval()
+    path = folder / MODEL_FILE
+    with torch.no_grad(), _quiet_exporter():
+        try:
+            program = torch.onnx.export(
+                wrapper,
+                _sample_inputs(model),
+                dynamo=True,
+                input_names=input_names(n_layer),
+                output_names=output_names(n_layer),
+                dynamic_shapes=_dynamic_shapes(n_layer),
+                opset_version=opset,
+                optimize=True,
+                verbose=False,
+            )
+        except Exception as error:  # the exporter's own errors are long; keep the first line in ours
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ExportError(f"torch.onnx.export failed: {first}") from error
+        program.save(str(path))
+    return path
+
+
+def count_large_initializers(path: Path, shape: tuple[int, int]) -> int:
+    """How many initializers of ``shape`` (either orientation) the graph stores: 1 for correctly tied embeddings."""
+    model = onnx.load(str(path), load_external_data=False)
+    wanted = {tuple(shape), tuple(reversed(shape))}
+    return sum(1 for init in model.graph.initializer if tuple(init.dims) in wanted)

@@ -1,0 +1,45 @@
+"""Terminal rendering of export results (rich tables)."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+from .precision_plan import ContractReport
+from .verify import VerifyReport
+
+__all__ = ["contract_table", "verification_table"]
+
+
+def contract_table(report: ContractReport, only_broken: bool = False) -> Table:
+    table = Table(title=report.summary(), title_justify="left")
+    for column in ("site", "#", "node", "intact", "detail"):
+        table.add_column(column)
+    rows = report.violations if only_broken else report.sites + [v for v in report.violations if v.index < 0]
+    for site in rows:
+        mark = "[green]yes[/]" if site.intact else "[red]NO[/]"
+        table.add_row(site.kind, str(site.index), site.node, mark, site.detail)
+    return table
+
+
+def verification_table(report: VerifyReport) -> Table:
+    state = "[green]pass[/]" if report.ok else "[red]FAIL[/]"
+    title = (
+        f"onnxruntime ({report.provider}) vs eager {report.dtype} on {report.reference_device}: {state}"
+    )
+    table = Table(title=title, title_justify="left")
+    for column in ("output", "max abs", "mean abs", "ref max |x|", "NaN", "Inf", "top-1", "values"):
+        table.add_column(column, justify="right" if column != "output" else "left")
+    for m in report.outputs:
+        table.add_row(
+            m.name,
+            f"{m.max_abs:.3g}",
+            f"{m.mean_abs:.3g}",
+            f"{m.reference_max:.3g}" if m.reference_max is not None else "-",
+            str(m.nan),
+            str(m.inf),
+            f"{m.top1:.2%}" if m.top1 is not None else "-",
+            str(m.count),
+        )
+    for failure in report.failures:
+        table.caption = (table.caption + "\n" if table.caption else "") + f"[red]{failure}[/]"
+    return table
