@@ -1,0 +1,32 @@
+"""Helpers shared by the benchmarks: a GPT-2-small-sized random GPTMeg checkpoint, medians, machine facts."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+from pathlib import Path
+
+import torch
+
+from gptmeg import GPTMegConfig, GPTMegLMHeadModel
+
+GPT2_SMALL = dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12)
+
+
+def gpt2_small_checkpoint(folder: Path, seed: int = 0) -> Path:
+    """A GPT-2-small-sized GPTMeg with random weights (no download), saved once and reused."""
+    if (folder / "config.json").is_file():
+        return folder
+    torch.manual_seed(seed)
+    config = GPTMegConfig(**GPT2_SMALL, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    GPTMegLMHeadModel(config).eval().save_pretrained(folder)
+    return folder
+
+
+def median(values) -> float:
+    return float(statistics.median(values))
+
+
+def machine() -> str:
+    return f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"

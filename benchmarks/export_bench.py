@@ -1,0 +1,64 @@
+"""Export time and peak memory of a GPT-2-small-sized GPTMeg (12 x 768, vocab 50257, random weights).
+
+Each export runs `python -m export --no-validate` in a fresh subprocess; wall time is measured around it and peak
+RSS is the child's ru_maxrss. Median of --repeats runs per dtype. Goal (issue #3): < 60 s and < 4 GB on the
+2-core CPU machine.
+
+    .venv/bin/python -m benchmarks.export_bench [--repeats 3] [--work DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.common import gpt2_small_checkpoint, machine, median
+
+
+def run_once(model: Path, out: Path, dtype: str) -> tuple[float, float]:
+    """(seconds, peak RSS in GiB) of one export subprocess (its own rusage, from wait4)."""
+    started = time.perf_counter()
+    child = subprocess.Popen(
+        [sys.executable, "-m", "export", "--model", str(model), "--out", str(out), "--dtype", dtype,
+         "--no-validate", "--force", "--quiet"],
+        stdout=subprocess.DEVNULL,
+    )
+    _, status, usage = os.wait4(child.pid, 0)
+    seconds = time.perf_counter() - started
+    child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode != 0:
+        raise SystemExit(f"export of {dtype} failed with exit code {child.returncode}")
+    return seconds, usage.ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp folder)")
+    args = parser.parse_args()
+    work = args.work or Path(tempfile.mkdtemp(prefix="gptmeg-export-bench-"))
+    model = gpt2_small_checkpoint(work / "gpt2-small-random")
+    print(f"machine: {machine()}")
+    print("| dtype | export wall time (median of %d) | runs | peak RSS (max) | model.onnx size |" % args.repeats)
+    print("| --- | --- | --- | --- | --- |")
+    for dtype in ("fp32", "fp16"):
+        times, peaks = [], []
+        for _ in range(args.repeats):
+            seconds, peak = run_once(model, work / f"out-{dtype}", dtype)
+            times.append(seconds)
+            peaks.append(peak)
+        size = (work / f"out-{dtype}" / "model.onnx").stat().st_size / 2**20
+        runs = ", ".join(f"{t:.1f}" for t in times)
+        print(f"| {dtype} | {median(times):.1f} s | {runs} | {max(peaks):.2f} GiB | {size:.0f} MiB |", flush=True)
+    if args.work is None:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

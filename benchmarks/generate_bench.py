@@ -1,0 +1,126 @@
+"""Generation speed: eager PyTorch `generate()` vs the onnxruntime KV-cache loop, same model, machine and run.
+
+For the built-in tiny model and a GPT-2-small-sized random GPTMeg (12 x 768, vocab 50257), fp32, greedy, prompt
+--prompt-length tokens, --new-tokens new tokens, batch 1 and 8: median prefill latency and decode tokens/s over
+--repeats runs (after one warm-up). Also measures, in the same run, the fp32 GEMV bandwidth over a 50257 x 768
+matrix (torch) and the batch-1 weight-streaming floor = weight bytes / bandwidth.
+
+    .venv/bin/python -m benchmarks.generate_bench [--repeats 3] [--threads 2] [--work DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from benchmarks.common import GPT2_SMALL, gpt2_small_checkpoint, machine
+from engines import make_runtime, open_export
+from engines.bench import bench_runtime, random_prompts
+from export import export_model
+from gptmeg import GPTMegLMHeadModel
+from gptmeg.tiny import tiny_model
+
+
+class _StepClock(LogitsProcessor):
+    """Records the time of every generation step (called once per step, right after each forward)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def __call__(self, input_ids, scores):
+        self.times.append(time.perf_counter())
+        return scores
+
+
+def bench_eager(model, prompts, new_tokens: int, repeats: int) -> tuple[float, float, float]:
+    """(prefill ms, decode ms per step, decode tokens/s) medians of eager `generate()`."""
+    ids = torch.tensor(prompts)
+    runs = []
+    for _ in range(repeats + 1):
+        clock = _StepClock()
+        started = time.perf_counter()
+        with torch.no_grad():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                           min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                           logits_processor=LogitsProcessorList([clock]))
+        steps = len(clock.times) - 1
+        decode = clock.times[-1] - clock.times[0]
+        runs.append((clock.times[0] - started, decode / steps, ids.shape[0] * steps / decode))
+    runs = runs[1:]
+    return tuple(1e3 * statistics.median(r[i] for r in runs) if i < 2 else statistics.median(r[i] for r in runs)
+                 for i in range(3))
+
+
+def gemv_bandwidth(rows: int = 50257, cols: int = 768, repeats: int = 30) -> float:
+    """GB/s of an fp32 matrix-vector product that streams a rows x cols matrix (the LM head's shape)."""
+    matrix, vector = torch.randn(rows, cols), torch.randn(cols)
+    for _ in range(3):
+        matrix @ vector
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        matrix @ vector
+        times.append(time.perf_counter() - started)
+    return matrix.numel() * 4 / statistics.median(times) / 1e9
+
+
+def weight_bytes(onnx_path: Path) -> int:
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    return sum(int(np.prod(i.dims)) * (2 if i.data_type == onnx.TensorProto.FLOAT16 else 4)
+               for i in model.graph.initializer)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--prompt-length", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--work", type=Path, default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    work = args.work or Path(tempfile.mkdtemp(prefix="gptmeg-generate-bench-"))
+
+    small_dir = gpt2_small_checkpoint(work / "gpt2-small-random")
+    models = {
+        "built-in tiny": (tiny_model(), None),
+        "GPT-2-small size": (GPTMegLMHeadModel.from_pretrained(small_dir, dtype=torch.float32).eval(), small_dir),
+    }
+    bandwidth = gemv_bandwidth()
+    print(f"machine: {machine()}; fp32 GEMV bandwidth {bandwidth:.1f} GB/s")
+    print(f"greedy, fp32, prompt {args.prompt_length}, {args.new_tokens} new tokens, median of {args.repeats}\n")
+    print("| model | batch | eager prefill ms | ORT prefill ms | eager decode tok/s | ORT decode tok/s | "
+          "ORT / eager | ORT ms/token | floor ms/token | ORT / floor |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name, (model, source) in models.items():
+        folder = work / f"export-{name.split()[0]}"
+        if not (folder / "manifest.json").is_file():
+            export_model(None if source is None else str(source), folder, dtype="fp32", validate=False, force=True)
+        runtime = make_runtime(open_export(folder), threads=args.threads)
+        floor_ms = 1e3 * weight_bytes(folder / "model.onnx") / (bandwidth * 1e9)
+        for batch in args.batches:
+            prompts = random_prompts(model.config.vocab_size, batch, args.prompt_length)
+            e_prefill, _, e_tps = bench_eager(model, prompts, args.new_tokens, args.repeats)
+            ort = bench_runtime(runtime, batch, args.prompt_length, args.new_tokens, args.repeats)
+            per_token = ort.decode_ms_per_step if batch == 1 else float("nan")
+            floor = f"{floor_ms:.1f}" if batch == 1 else "-"
+            ratio = f"{per_token / floor_ms:.2f}" if batch == 1 else "-"
+            print(f"| {name} | {batch} | {e_prefill:.1f} | {ort.prefill_ms:.1f} | {e_tps:.1f} | "
+                  f"{ort.decode_tokens_per_second:.1f} | {ort.decode_tokens_per_second / e_tps:.2f}x | "
+                  f"{ort.decode_ms_per_step:.2f} | {floor} | {ratio} |", flush=True)
+    if args.work is None:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""``python -m engines``: run an exported GPTMeg (generate, bench)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from .artifacts import open_export
+from .backends import BACKENDS, make_runtime
+from .bench import bench_runtime
+from .errors import EngineError
+from .generation import GenerationSettings, generate
+from .sampling import SamplingSettings
+from .streaming import TextStream
+
+__all__ = ["main", "build_parser"]
+
+
+def _runtime_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("export_dir", metavar="EXPORT_DIR", help="folder written by `python -m export`")
+    parser.add_argument("--backend", choices=BACKENDS, default="onnxruntime", help="runtime (default onnxruntime)")
+    parser.add_argument("--provider", choices=["cpu", "cuda"], default="cpu", help="onnxruntime device (default cpu)")
+    parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: onnxruntime's choice)")
+    parser.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the export's files")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m engines", description="Run an exported GPTMeg decoder.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    gen = commands.add_parser("generate", help="generate text, streamed as it comes",
+                              description="Generate from one or more prompts (several --prompt: one batch, "
+                                          "left-padded). Greedy unless a sampling option is given.")
+    _runtime_options(gen)
+    gen.add_argument("--prompt", action="append", required=True, help="prompt text; repeat for a batch")
+    gen.add_argument("--max-new-tokens", type=int, default=32)
+    gen.add_argument("--temperature", type=float, default=None, help="sample with this temperature")
+    gen.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
+    gen.add_argument("--top-p", type=float, default=None, help="sample from the smallest set with probability p")
+    gen.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (default 1)")
+    gen.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0)")
+    gen.add_argument("--stop", action="append", default=[], help="stop when this string appears; repeatable")
+    gen.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-text token")
+
+    bench = commands.add_parser("bench", help="prefill latency and decode tokens/s",
+                                description="Greedy generation on random prompts: median prefill latency and "
+                                            "decode throughput over --repeats runs after one warm-up.")
+    _runtime_options(bench)
+    bench.add_argument("--batch", type=int, nargs="+", default=[1], help="batch sizes (default 1)")
+    bench.add_argument("--prompt-length", type=int, default=32)
+    bench.add_argument("--new-tokens", type=int, default=32)
+    bench.add_argument("--repeats", type=int, default=3)
+    return parser
+
+
+def _sampling(args) -> SamplingSettings:
+    sample = any(v is not None for v in (args.temperature, args.top_k, args.top_p))
+    return SamplingSettings(
+        do_sample=sample,
+        temperature=args.temperature if args.temperature is not None else 1.0,
+        top_k=args.top_k or 0,
+        top_p=args.top_p if args.top_p is not None else 1.0,
+        repetition_penalty=args.repetition_penalty,
+    )
+
+
+def _generate(args, runtime, artifact, console: Console) -> None:
+    tokenizer = artifact.tokenizer
+    prompts = [tokenizer.encode(p).ids for p in args.prompt]
+    settings = GenerationSettings(
+        max_new_tokens=args.max_new_tokens,
+        sampling=_sampling(args),
+        seed=args.seed,
+        eos_token_id=-1 if args.ignore_eos else None,
+        stop_strings=tuple(args.stop),
+    )
+    decode = tokenizer.decode
+    streams = [TextStream(decode) for _ in prompts]
+    single = len(prompts) == 1
+    if single:
+        sys.stdout.write(args.prompt[0])
+        sys.stdout.flush()
+
+    def on_tokens(tokens, active):
+        for row in active.nonzero()[0]:
+            piece = streams[row].push(int(tokens[row]))
+            if single and piece:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+
+    result = generate(runtime, prompts, settings, on_tokens=on_tokens, decode=decode)
+    if single:
+        sys.stdout.write(streams[0].flush() + "\n")
+    else:
+        for prompt, tokens in zip(args.prompt, result.tokens):
+            print(prompt + decode(tokens))
+            print("---")
+    console.print(
+        f"{runtime.describe()}: prefill {1e3 * result.prefill_seconds:.1f} ms, "
+        f"{result.decode_tokens_per_second:.1f} decode tokens/s, finished: {', '.join(result.finish_reasons)}",
+        highlight=False,
+        markup=False,
+    )
+
+
+def _bench(args, runtime, console: Console) -> None:
+    table = Table(title=f"{escape(runtime.describe())} - greedy, prompt {args.prompt_length}, {args.new_tokens} new tokens, "
+                        f"median of {args.repeats}")
+    for column in ("batch", "prefill ms", "decode ms/step", "decode tokens/s"):
+        table.add_column(column, justify="right")
+    for batch in args.batch:
+        with console.status(f"batch {batch}..."):
+            r = bench_runtime(runtime, batch, args.prompt_length, args.new_tokens, args.repeats)
+        table.add_row(str(batch), f"{r.prefill_ms:.1f}", f"{r.decode_ms_per_step:.2f}", f"{r.decode_tokens_per_second:.1f}")
+    Console().print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    console = Console(stderr=True, soft_wrap=True)
+    try:
+        artifact = open_export(args.export_dir, verify=not args.no_verify)
+        runtime = make_runtime(artifact, args.backend, provider=args.provider, threads=args.threads)
+        if args.command == "generate":
+            _generate(args, runtime, artifact, console)
+        else:
+            _bench(args, runtime, console)
+    except (EngineError, ValueError) as error:
+        console.print(f"[red]error:[/] {error}", highlight=False)
+        return 2
+    except KeyboardInterrupt:
+        console.print("interrupted.")
+        return 130
+    return 0
