@@ -103,6 +103,10 @@ class OrtDecoder(DecoderRuntime):
         logits = outputs[0].numpy()[:, -1, :].astype(np.float32)
         return StepOutput(logits=logits, cache=list(outputs[1:]))
 
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        names = [o.name for o in self.session.get_outputs()]
+        return dict(zip(names, self.session.run(names, feeds)))
+
     def describe(self) -> str:
         threads = self.session.get_session_options().intra_op_num_threads
         return f"{self.name} (threads={threads or 'default'})"

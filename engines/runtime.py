@@ -40,5 +40,10 @@ class DecoderRuntime(ABC):
     ) -> StepOutput:
         """Run T new tokens per row against the cache; return last-position logits and the grown cache."""
 
+    @abstractmethod
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One raw call of the graph: every input by name in, every output by name out, on the host. For
+        validation (all positions' logits, every ``present.*``); generation uses :meth:`step`."""
+
     def describe(self) -> str:
         return self.name

@@ -18,6 +18,7 @@ not, and why. It reads only the ONNX file, so it works on any export, ours or no
 
 from __future__ import annotations
 
+import ast
 import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -27,7 +28,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-__all__ = ["Site", "ContractReport", "ExpectedSites", "check_precision_plan", "expected_sites"]
+__all__ = ["Site", "ContractReport", "ExpectedSites", "check_precision_plan", "expected_sites", "module_scope"]
 
 FLOAT, FLOAT16, BFLOAT16 = TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16
 LOW_PRECISION = (FLOAT16, BFLOAT16)
@@ -44,6 +45,7 @@ class Site:
     node: str  # the node that defines the site (LayerNormalization / Tanh / score MatMul)
     intact: bool
     detail: str  # what was found; for a broken site, what is wrong
+    scope: str = ""  # the torch module the node came from (e.g. "transformer.h.1.ln_2"), when the graph says
 
 
 @dataclass(frozen=True)
@@ -159,6 +161,19 @@ class _Graph:
         return [n for n in self.consumers.get(name, []) if n.op_type == "Cast"]
 
 
+def module_scope(node: onnx.NodeProto) -> str:
+    """The torch module a node was traced from, from the dynamo exporter's metadata ("" when absent)."""
+    for prop in node.metadata_props:
+        if prop.key == "pkg.torch.onnx.name_scopes":
+            try:
+                scopes = ast.literal_eval(prop.value)
+            except (ValueError, SyntaxError):
+                return ""
+            module = scopes[-2] if len(scopes) >= 2 else ""
+            return module.removeprefix("model.")
+    return ""
+
+
 def _attr(node: onnx.NodeProto, name: str, default=None):
     for a in node.attribute:
         if a.name == name:
@@ -192,7 +207,8 @@ def _layernorm_sites(g: _Graph, low: bool) -> Iterable[Site]:
                 problems.append("input is not a Cast(fp32) of the fp16 activation")
             if not any(_attr(c, "to") in LOW_PRECISION for c in g.cast_consumers(node.output[0])):
                 problems.append("output is not cast back to fp16")
-        yield Site("layernorm", i, node.name or node.output[0], not problems, "; ".join(problems) or "fp32 island")
+        yield Site("layernorm", i, node.name or node.output[0], not problems, "; ".join(problems) or "fp32 island",
+                   module_scope(node))
 
 
 def _fp32_region_sources(g: _Graph, start: str, limit: int = 24) -> tuple[set[int], list[str]]:
@@ -246,7 +262,8 @@ def _gelu_sites(g: _Graph, low: bool) -> Iterable[Site]:
             target, _ = _forward_to_cast(g, node.output[0])
             if target not in LOW_PRECISION:
                 problems.append("result is not cast back to fp16 once")
-        yield Site("gelu", i, node.name or node.output[0], not problems, "; ".join(problems) or "fp32 island")
+        yield Site("gelu", i, node.name or node.output[0], not problems, "; ".join(problems) or "fp32 island",
+                   module_scope(node))
 
 
 def _score_matmul(g: _Graph, softmax: onnx.NodeProto) -> tuple[onnx.NodeProto | None, list[onnx.NodeProto]]:
@@ -307,20 +324,20 @@ def _attention_sites(g: _Graph, low: bool) -> Iterable[Site]:
         detail = "; ".join(problems) or (
             f"fp32 MatMul x alpha={alpha:.9g} then one cast" if low else f"MatMul x alpha={alpha:.9g}"
         )
-        yield Site("attention_score", i, matmul.name or matmul.output[0], not problems, detail)
+        yield Site("attention_score", i, matmul.name or matmul.output[0], not problems, detail, module_scope(matmul))
 
 
 def _graph_wide_sites(g: _Graph) -> Iterable[Site]:
     for node in g.nodes:
         if node.op_type in FUSED_ATTENTION_OPS:
-            yield Site("graph", 0, node.name or node.output[0], False, f"fused attention op {node.op_type} (SDPA)")
+            yield Site("graph", 0, node.name or node.output[0], False, f"fused attention op {node.op_type} (SDPA)",
+                       module_scope(node))
         if node.op_type == "Mul":
             for operand in node.input:
                 value = g.constants.get(operand)
                 if value is not None and value.size and not np.any(value):
-                    yield Site(
-                        "graph", 0, node.name or node.output[0], False, "Mul by constant zero (beta=0 buffer term)"
-                    )
+                    yield Site("graph", 0, node.name or node.output[0], False,
+                               "Mul by constant zero (beta=0 buffer term)", module_scope(node))
 
 
 def check_precision_plan(

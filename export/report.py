@@ -12,12 +12,12 @@ __all__ = ["contract_table", "verification_table"]
 
 def contract_table(report: ContractReport, only_broken: bool = False) -> Table:
     table = Table(title=report.summary(), title_justify="left")
-    for column in ("site", "#", "node", "intact", "detail"):
+    for column in ("site", "#", "module", "intact", "detail"):
         table.add_column(column)
     rows = report.violations if only_broken else report.sites + [v for v in report.violations if v.index < 0]
     for site in rows:
         mark = "[green]yes[/]" if site.intact else "[red]NO[/]"
-        table.add_row(site.kind, str(site.index), site.node, mark, site.detail)
+        table.add_row(site.kind, str(site.index), site.scope or site.node, mark, site.detail)
     return table
 
 

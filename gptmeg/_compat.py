@@ -15,3 +15,13 @@ def pick_cache(cache, past_key_values):
     if cache is not None and past_key_values is not None:
         raise ValueError("Pass the KV cache once: either `cache` or `past_key_values`, not both.")
     return cache if cache is not None else past_key_values
+
+
+def output_cache(output):
+    """The KV cache of a model output, whatever this transformers version names the field."""
+    return getattr(output, CACHE_FIELD)
+
+
+def cache_tensors(cache) -> list:
+    """[key_0, value_0, key_1, value_1, ...] of a DynamicCache, each (B, H, P, D)."""
+    return [t for layer in cache.layers for t in (layer.keys, layer.values)]

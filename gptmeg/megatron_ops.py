@@ -13,6 +13,9 @@ fp32 and fp64 inputs are computed in their own precision: the divergences only m
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -27,6 +30,8 @@ __all__ = [
     "megatron_gelu_backward",
     "attention_scores",
     "is_exporting",
+    "DIVERGENCES",
+    "gpt2_numerics",
 ]
 
 # Megatron's literals (megatron/model/fused_bias_gelu.py), kept verbatim: they are part of the numerics.
@@ -35,6 +40,26 @@ GELU_CUBIC_COEF = 0.044715
 GELU_BACKWARD_CUBIC_COEF = 0.1070322243  # = 3 * 0.044715 * 0.79788456
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+DIVERGENCES = ("layernorm", "gelu", "attention_score")
+_GPT2_SITES: set[str] = set()  # divergences switched back to GPT-2's rounding by `gpt2_numerics`
+
+
+@contextlib.contextmanager
+def gpt2_numerics(*sites: str) -> Iterator[None]:
+    """Within the block, the named divergences compute with GPT-2's half-precision rounding instead of Megatron's:
+    "layernorm" (nn.LayerNorm in the input dtype), "gelu" (the formula in the input dtype, rounding every step),
+    "attention_score" (Q @ K^T rounded, then scaled and rounded again). For ablations and tests that must show what
+    each island changes; not thread-safe (it switches module-level state)."""
+    unknown = set(sites) - set(DIVERGENCES)
+    if unknown:
+        raise ValueError(f"unknown divergence(s) {sorted(unknown)}; choose from {DIVERGENCES}.")
+    added = set(sites) - _GPT2_SITES
+    _GPT2_SITES.update(added)
+    try:
+        yield
+    finally:
+        _GPT2_SITES.difference_update(added)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -55,7 +80,7 @@ class MegatronLayerNorm(nn.LayerNorm):
     result back to the input dtype once. Parameter names are nn.LayerNorm's, so GPT-2 checkpoints load as is."""
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if hidden_states.dtype not in _LOW_PRECISION:
+        if hidden_states.dtype not in _LOW_PRECISION or "layernorm" in _GPT2_SITES:
             return super().forward(hidden_states)
         weight = self.weight.float() if self.weight is not None else None
         bias = self.bias.float() if self.bias is not None else None
@@ -99,6 +124,8 @@ def megatron_gelu(x: torch.Tensor) -> torch.Tensor:
     With autograd recording, the custom backward is used; otherwise (inference, export tracing) the formula is
     applied directly, which traces to ``Cast(fp32) -> formula -> Cast(fp16)`` in an exported graph.
     """
+    if "gelu" in _GPT2_SITES:
+        return megatron_gelu_formula(x)
     if torch.is_grad_enabled() and x.requires_grad and not is_exporting():
         return _MegatronGeluFunction.apply(x)
     return megatron_gelu_formula(x.to(_compute_dtype(x.dtype))).to(x.dtype)
@@ -125,6 +152,8 @@ def attention_scores(query: torch.Tensor, key: torch.Tensor, alpha: float) -> to
     Export: the same arithmetic spelled so that the ONNX graph keeps it - QK^T in fp32, times alpha in fp32, one
     cast to the model dtype - because an ONNX ``MatMul`` in fp16 would round before the scale.
     """
+    if "attention_score" in _GPT2_SITES:
+        return torch.matmul(query, key.transpose(-1, -2)) * alpha  # GPT-2: round the product, scale, round
     batch, heads, q_len, head_dim = query.shape
     k_len = key.shape[-2]
     q = query.reshape(batch * heads, q_len, head_dim)  # (B*H, Tq, D)

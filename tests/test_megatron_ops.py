@@ -136,3 +136,22 @@ def test_scores_export_form_is_one_rounding(monkeypatch):
     ulp = torch.finfo(torch.float16).eps * eager.float().abs().clamp_min(2**-14)
     assert ((traced.float() - eager.float()).abs() <= ulp).all()  # at most one fp16 ulp apart
     assert _mismatches(traced, eager) <= 0.02 * eager.numel()
+
+
+def test_gpt2_numerics_switches_each_divergence_back():
+    from gptmeg.megatron_ops import gpt2_numerics
+
+    x = torch.linspace(-10, 10, 2001).half()
+    with gpt2_numerics("gelu"):
+        assert torch.equal(megatron_gelu(x), megatron_gelu_formula(x))  # half-precision formula
+    assert _mismatches(megatron_gelu(x), _gelu_reference(x)) == 0  # restored on exit
+    query, key = torch.randn(1, 2, 4, 24).half(), torch.randn(1, 2, 4, 24).half()
+    with gpt2_numerics("attention_score"):
+        assert torch.equal(attention_scores(query, key, 0.2), torch.matmul(query, key.transpose(-1, -2)) * 0.2)
+    ln = MegatronLayerNorm(24).half()
+    big = (torch.randn(8, 24) * 300 + 2000).half()
+    with gpt2_numerics("layernorm"):
+        assert torch.equal(ln(big), F.layer_norm(big, (24,), ln.weight, ln.bias, ln.eps))
+    with pytest.raises(ValueError, match="unknown divergence"):
+        with gpt2_numerics("softmax"):
+            pass
