@@ -148,8 +148,40 @@ def main() -> None:
             print(f"| {name} | {batch} | {e_prefill:.1f} | {ort.prefill_ms:.1f} | {e_tps:.1f} | "
                   f"{ort.decode_tokens_per_second:.1f} | {ort.decode_tokens_per_second / e_tps:.2f}x | "
                   f"{ort.decode_ms_per_step:.2f} | {floor} | {ratio} |", flush=True)
+    bench_tensorrt(work, small_dir, args)
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def bench_tensorrt(work: Path, small_dir: Path, args) -> None:
+    """The TensorRT column: fp16 engines of both models, build time without and with the timing cache, prefill
+    latency and decode tokens/s. Runs only where TensorRT and a CUDA GPU exist."""
+    from engines.errors import EngineError
+    from engines.tensorrt import BuildOptions
+    from engines.tensorrt.build import build_engine
+    from engines.tensorrt.environment import load_tensorrt
+
+    try:
+        load_tensorrt()
+    except EngineError as error:
+        print(f"\nTensorRT column skipped: {error}")
+        return
+    print("\n| model | batch | TRT build s (cold) | TRT build s (timing cache) | TRT prefill ms | TRT decode tok/s |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for name, source in (("built-in tiny", None), ("GPT-2-small size", small_dir)):
+        folder = work / f"export-{name.split()[0]}-fp16"
+        if not (folder / "manifest.json").is_file():
+            export_model(None if source is None else str(source), folder, dtype="fp16", validate=False, force=True)
+        artifact = open_export(folder)
+        options = BuildOptions(max_batch=max(args.batches), max_seq=256)
+        cold = build_engine(artifact, options, out=work / "trt-cold", use_timing_cache=False, force=True)
+        build_engine(artifact, options, out=work / "trt-warm", force=True)  # fills the timing cache
+        warm = build_engine(artifact, options, out=work / "trt-warm", force=True)
+        runtime = make_runtime(artifact, "tensorrt", engine=warm)
+        for batch in args.batches:
+            result = bench_runtime(runtime, batch, args.prompt_length, args.new_tokens, args.repeats)
+            print(f"| {name} | {batch} | {cold.seconds:.1f} | {warm.seconds:.1f} | {result.prefill_ms:.1f} | "
+                  f"{result.decode_tokens_per_second:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .artifacts import open_export
-from .backends import BACKENDS, make_runtime
+from .backends import ALIASES, BACKENDS, make_runtime
 from .bench import bench_runtime
 from .errors import EngineError
 from .generation import GenerationSettings, generate
@@ -22,7 +22,9 @@ __all__ = ["main", "build_parser"]
 
 def _runtime_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("export_dir", metavar="EXPORT_DIR", help="folder written by `python -m export`")
-    parser.add_argument("--backend", choices=BACKENDS, default="onnxruntime", help="runtime (default onnxruntime)")
+    parser.add_argument("--backend", choices=[*BACKENDS, *ALIASES], default="onnxruntime",
+                        help="runtime: onnxruntime (ort) or tensorrt (trt, needs an engine from `build`); "
+                             "default onnxruntime")
     parser.add_argument("--provider", choices=["cpu", "cuda"], default="cpu", help="onnxruntime device (default cpu)")
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: onnxruntime's choice)")
     parser.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the export's files")
@@ -54,7 +56,60 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--prompt-length", type=int, default=32)
     bench.add_argument("--new-tokens", type=int, default=32)
     bench.add_argument("--repeats", type=int, default=3)
+
+    build = commands.add_parser("build", help="build (or reuse) the fp16 TensorRT engine of an export",
+                                description="Strongly typed TensorRT build of the export's fp16 ONNX with a prefill "
+                                            "and a decode optimization profile, a persistent timing cache, and an "
+                                            "engine cache keyed by model, GPU, TensorRT version and options.")
+    _build_options(build)
+    build.add_argument("--no-timing-cache", action="store_true", help="build without the persistent timing cache")
+    build.add_argument("--force", action="store_true", help="rebuild even when the cache has this engine")
+
+    trtexec = commands.add_parser("trtexec", help="print the equivalent trtexec command line",
+                                  description="Print the trtexec command that builds the same engine (shapes, "
+                                              "profiles, caches), for NVIDIA's containers. Needs no GPU.")
+    _build_options(trtexec)
     return parser
+
+
+def _build_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("export_dir", metavar="EXPORT_DIR", help="folder written by `python -m export --dtype fp16`")
+    parser.add_argument("--out", metavar="DIR", default=None, help="engine cache folder (default EXPORT_DIR/tensorrt)")
+    parser.add_argument("--max-batch", type=int, default=8, help="largest batch (default 8)")
+    parser.add_argument("--max-seq", type=int, default=None, help="longest past + new tokens (default: n_positions)")
+    parser.add_argument("--opt-batch", type=int, default=1, help="batch TensorRT tunes for (default 1)")
+    parser.add_argument("--opt-seq", type=int, default=None, help="length TensorRT tunes for (default min(128, max))")
+    parser.add_argument("--workspace-mib", type=int, default=None, help="builder workspace limit in MiB")
+    parser.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the export's files")
+
+
+def _options(args) -> "BuildOptions":
+    from .tensorrt.options import BuildOptions
+
+    return BuildOptions(max_batch=args.max_batch, max_seq=args.max_seq, opt_batch=args.opt_batch,
+                        opt_seq=args.opt_seq, workspace_mib=args.workspace_mib)
+
+
+def _build(args, artifact, console: Console) -> None:
+    from .tensorrt.build import build_engine
+
+    with console.status("building the TensorRT engine (minutes for large models)..."):
+        result = build_engine(artifact, _options(args), out=args.out, use_timing_cache=not args.no_timing_cache,
+                              force=args.force)
+    state = "cache hit" if result.cache_hit else f"built in {result.seconds:.1f}s"
+    print(result.engine_path)
+    console.print(f"{state}: {result.engine_path} (TensorRT {result.metadata.tensorrt}, {result.metadata.gpu})",
+                  highlight=False, markup=False)
+
+
+def _trtexec(args, artifact) -> None:
+    from pathlib import Path
+
+    from .tensorrt.trtexec import format_command, trtexec_command
+
+    root = Path(args.out) if args.out else artifact.folder / "tensorrt"
+    argv = trtexec_command(artifact, _options(args), root / "trtexec" / "engine.plan", root / "trtexec" / "timing.cache")
+    print(format_command(argv))
 
 
 def _sampling(args) -> SamplingSettings:
@@ -124,6 +179,12 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(stderr=True, soft_wrap=True)
     try:
         artifact = open_export(args.export_dir, verify=not args.no_verify)
+        if args.command == "build":
+            _build(args, artifact, console)
+            return 0
+        if args.command == "trtexec":
+            _trtexec(args, artifact)
+            return 0
         runtime = make_runtime(artifact, args.backend, provider=args.provider, threads=args.threads)
         if args.command == "generate":
             _generate(args, runtime, artifact, console)

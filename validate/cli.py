@@ -128,7 +128,9 @@ def _validate(args, console: Console) -> int:
         for runtime in runtimes:
             report.backends.append(run_parity(
                 reference, runtime, cases, graph_dtype=graph_dtype, reference_name=reference_name,
-                onnx_path=artifact.model_path, decode_steps=args.decode_steps, new_tokens=args.new_tokens,
+                # layer-by-layer localisation exposes sites of the ONNX graph in onnxruntime: only meaningful there
+                onnx_path=artifact.model_path if runtime.name.startswith("onnxruntime") else None,
+                decode_steps=args.decode_steps, new_tokens=args.new_tokens,
                 provider=args.provider, progress=status.update,
             ))
         if args.ablation:
