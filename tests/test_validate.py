@@ -58,6 +58,10 @@ def test_builtin_exports_pass_and_reports_agree(tiny_exports, tmp_path, capsys, 
         assert row in markdown
     assert backend["generation"]["exact"] or dtype == "fp16"
     assert backend["localization"]["available"] and backend["localization"]["first_divergence"] is None
+    polygraphy = backend["polygraphy"]
+    assert polygraphy["available"] and polygraphy["passed"] and polygraphy["iterations"] == 5
+    assert set(polygraphy["outputs"]) == {"logits", *[f"present.{i}.{k}" for i in range(3) for k in ("key", "value")]}
+    assert "## Teacher-forced step check" in markdown
     if dtype == "fp32":
         assert backend["generation"]["prefix_lengths"] == [16] * 4
 
@@ -75,6 +79,9 @@ def test_perturbed_weight_fails_and_names_the_block(tiny_exports, tmp_path, caps
     assert "first divergence at block 1, MLP (transformer.h.1.mlp)" in output
     data = json.loads((tmp_path / "report" / "report.json").read_text())
     assert data["backends"][0]["localization"]["first_divergence"] == "transformer.h.1.mlp"
+    polygraphy = data["backends"][0]["polygraphy"]
+    assert not polygraphy["passed"] and not polygraphy["outputs"]["logits"]["passed"]
+    assert polygraphy["outputs"]["present.0.key"]["passed"]  # block 0 is untouched: its cache still matches
     assert data["contract"]["ok"]  # the graph's structure is fine: the numbers caught it
 
 
@@ -145,3 +152,20 @@ def test_prompts_file_is_used(tiny_exports, tmp_path, capsys):
     assert code == 0, output
     data = json.loads((tmp_path / "r" / "report.json").read_text())
     assert len(data["backends"][0]["generation"]["prefix_lengths"]) == 2
+
+
+def test_polygraphy_check_is_optional(tiny_exports, monkeypatch):
+    import sys
+
+    import torch
+
+    from engines import make_runtime, open_export
+    from gptmeg.tiny import tiny_model
+    from validate.eager_runtime import EagerDecoder
+    from validate.polygraphy_check import polygraphy_check
+
+    artifact = open_export(tiny_exports("fp32").folder)
+    monkeypatch.setitem(sys.modules, "polygraphy.backend.base", None)  # as on a machine without Polygraphy
+    result = polygraphy_check(EagerDecoder(tiny_model(dtype=torch.float32), artifact.spec), make_runtime(artifact),
+                              graph_dtype="fp32")
+    assert result == {"available": False, "note": "Polygraphy is not installed (pip install '.[validate]')"}

@@ -153,6 +153,9 @@ def _validate(args, console: Console) -> int:
                       "tokens", highlight=False)
         if backend.localization:
             out.print(f"{escape(backend.backend)}: {backend.localization.describe()}", highlight=False)
+        if backend.polygraphy and backend.polygraphy.get("available"):
+            state = "pass" if backend.polygraphy["passed"] else "FAIL"
+            out.print(f"{escape(backend.backend)}: teacher-forced step check (Polygraphy): {state}", highlight=False)
     for failure in [f for b in report.backends for f in b.failures]:
         out.print(f"[red]fail:[/] {escape(failure)}", highlight=False)
     out.print(f"{contract.summary()}", highlight=False)

@@ -23,6 +23,7 @@ from gptmeg import GPTMegLMHeadModel
 
 from .eager_runtime import EagerDecoder
 from .localize import Localization, localize
+from .polygraphy_check import polygraphy_check
 
 __all__ = ["Case", "CaseResult", "GenerationMatch", "BackendResult", "ParityReport", "tolerance_failures",
            "build_cases", "run_parity", "DEFAULT_PROMPTS"]
@@ -72,10 +73,15 @@ class BackendResult:
     cases: list[CaseResult] = field(default_factory=list)
     generation: GenerationMatch | None = None
     localization: Localization | None = None
+    polygraphy: dict | None = None  # teacher-forced per-step check through Polygraphy's Comparator
 
     @property
     def failures(self) -> list[str]:
-        return [f"{c.case}: {f}" for c in self.cases for f in c.failures]
+        failures = [f"{c.case}: {f}" for c in self.cases for f in c.failures]
+        if self.polygraphy and self.polygraphy.get("available") and not self.polygraphy["passed"]:
+            broken = [name for name, o in self.polygraphy["outputs"].items() if not o["passed"]]
+            failures.append(f"teacher-forced step check (Polygraphy): {', '.join(broken)} outside tolerance")
+        return failures
 
     @property
     def ok(self) -> bool:
@@ -112,6 +118,7 @@ class ParityReport:
                     "generation": None if b.generation is None else {
                         **asdict(b.generation), "mean_prefix": b.generation.mean_prefix, "exact": b.generation.exact},
                     "localization": None if b.localization is None else b.localization.to_dict(),
+                    "polygraphy": b.polygraphy,
                 }
                 for b in self.backends
             ],
@@ -184,6 +191,10 @@ def run_parity(
     actual = generate(backend, prompts, settings).tokens
     prefix = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(x)) for x, y in zip(actual, expected)]
     result.generation = GenerationMatch(new_tokens, prefix)
+
+    progress(f"{backend.name}: teacher-forced step check (Polygraphy Comparator)")
+    result.polygraphy = polygraphy_check(EagerDecoder(reference, backend.spec), backend, graph_dtype=graph_dtype,
+                                         steps=decode_steps)
 
     if onnx_path is not None:  # error by layer, on the first failing case (or the first case)
         progress(f"{backend.describe()}: comparing every block site")

@@ -54,7 +54,21 @@ def markdown(report: ParityReport) -> str:
         if g:
             lines.append(f"| {backend['backend']} | {g['new_tokens']} | {g['prefix_lengths']} | "
                          f"{g['mean_prefix']:.1f} |")
-    lines += ["", "## Layer by layer", ""]
+    lines += ["", "## Teacher-forced step check (Polygraphy Comparator, each step fed the reference's cache)", ""]
+    for backend in data["backends"]:
+        check = backend.get("polygraphy")
+        if not check:
+            continue
+        if not check.get("available"):
+            lines += [f"**{backend['backend']}**: skipped - {check.get('note', '')}", ""]
+            continue
+        lines += [f"**{backend['backend']}**: {'pass' if check['passed'] else 'FAIL'} over {check['iterations']} "
+                  "steps", "", "| output | max abs | mean abs (worst step) | max rel | atol | ok |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| {name} | {_fmt(o['max_absdiff'])} | {_fmt(o['mean_absdiff'])} | {_fmt(o['max_reldiff'])} | "
+                  f"{_fmt(o['atol'])} | {'yes' if o['passed'] else 'NO'} |" for name, o in check["outputs"].items()]
+        lines.append("")
+    lines += ["## Layer by layer", ""]
     for backend in data["backends"]:
         loc = backend["localization"]
         if not loc:
