@@ -22,7 +22,7 @@ import onnx
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from benchmarks.common import GPT2_SMALL, gpt2_small_checkpoint, machine
+from benchmarks.common import gpt2_small_checkpoint, machine
 from engines import make_runtime, open_export
 from engines.bench import bench_runtime, random_prompts
 from export import export_model

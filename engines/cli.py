@@ -83,7 +83,7 @@ def _build_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the export's files")
 
 
-def _options(args) -> "BuildOptions":
+def _options(args):
     from .tensorrt.options import BuildOptions
 
     return BuildOptions(max_batch=args.max_batch, max_seq=args.max_seq, opt_batch=args.opt_batch,

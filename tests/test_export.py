@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
-from export import ContractBroken, export_model, read_manifest
+from export import export_model, read_manifest
 from export import api as export_api
 from export.api import onnxruntime_runner
 from export.cli import main as export_main

@@ -11,7 +11,6 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-import torch
 
 from engines import make_runtime, open_export
 from export.onnx_export import export_decoder

@@ -30,7 +30,7 @@ def teacher_forced_feeds(reference: DecoderRuntime, vocab_size: int, batch: int,
     ids, mask = input_ids.numpy(), mask.numpy()
     past = [np.zeros((batch, spec.n_head, 0, spec.head_dim), dtype=kv_dtype) for _ in spec.past_names()]
     feeds = []
-    for step in range(steps + 1):
+    for _ in range(steps + 1):
         positions = np.broadcast_to(np.arange(mask.shape[1] - ids.shape[1], mask.shape[1]), ids.shape).copy()
         feed = {"input_ids": ids.astype(np.int64), "attention_mask": mask.astype(np.int64),
                 "position_ids": positions.astype(np.int64), **dict(zip(spec.past_names(), past))}
