@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 
@@ -13,6 +14,8 @@ from onnx import TensorProto, numpy_helper
 from export.manifest import MANIFEST_NAME, file_digests
 from export.precision_plan import module_scope
 from validate.cli import main as validate_main
+
+HAS_POLYGRAPHY = importlib.util.find_spec("polygraphy") is not None
 
 
 def _mutated_copy(src, dst, mutate):
@@ -59,9 +62,12 @@ def test_builtin_exports_pass_and_reports_agree(tiny_exports, tmp_path, capsys, 
     assert backend["generation"]["exact"] or dtype == "fp16"
     assert backend["localization"]["available"] and backend["localization"]["first_divergence"] is None
     polygraphy = backend["polygraphy"]
+    assert "## Teacher-forced step check" in markdown
+    if not HAS_POLYGRAPHY:  # the GPU test environments run without Polygraphy
+        assert polygraphy["available"] is False
+        return
     assert polygraphy["available"] and polygraphy["passed"] and polygraphy["iterations"] == 5
     assert set(polygraphy["outputs"]) == {"logits", *[f"present.{i}.{k}" for i in range(3) for k in ("key", "value")]}
-    assert "## Teacher-forced step check" in markdown
     if dtype == "fp32":
         assert backend["generation"]["prefix_lengths"] == [16] * 4
 
@@ -80,8 +86,9 @@ def test_perturbed_weight_fails_and_names_the_block(tiny_exports, tmp_path, caps
     data = json.loads((tmp_path / "report" / "report.json").read_text())
     assert data["backends"][0]["localization"]["first_divergence"] == "transformer.h.1.mlp"
     polygraphy = data["backends"][0]["polygraphy"]
-    assert not polygraphy["passed"] and not polygraphy["outputs"]["logits"]["passed"]
-    assert polygraphy["outputs"]["present.0.key"]["passed"]  # block 0 is untouched: its cache still matches
+    if HAS_POLYGRAPHY:
+        assert not polygraphy["passed"] and not polygraphy["outputs"]["logits"]["passed"]
+        assert polygraphy["outputs"]["present.0.key"]["passed"]  # block 0 is untouched: its cache still matches
     assert data["contract"]["ok"]  # the graph's structure is fine: the numbers caught it
 
 
