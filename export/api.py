@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import onnx
 import torch
 
 from gptmeg import GPTMegLMHeadModel, load_config
@@ -105,6 +106,7 @@ def export_model(
     force: bool = False,
     validate: bool = True,
     device: str = "cpu",
+    external_data: bool | None = None,
     step: Callable[[str], object] | None = None,
 ) -> ExportResult:
     """Export a GPTMeg/GPT-2 checkpoint folder (or the built-in model) to an ONNX folder.
@@ -128,7 +130,7 @@ def export_model(
             model = model.to(DTYPES[dtype])
         config = model.config
         with stage(f"tracing to ONNX ({dtype}, opset {opset})"):
-            onnx_path = export_decoder(model, staging, opset)
+            onnx_path = export_decoder(model, staging, opset, external_data=external_data)
         tied = count_large_initializers(onnx_path, (config.vocab_size, config.n_embd))
         if config.tie_word_embeddings and tied != 1:
             raise ExportError(f"the tied wte/lm_head matrix is stored {tied} times in the ONNX file (expected once).")
@@ -147,8 +149,6 @@ def export_model(
                 verification = verify_export(model.to(device), runner, dtype=dtype, provider=device)
                 if not verification.ok:
                     raise ValidationFailed(verification)
-        import onnx
-
         io = graph_io(onnx.load(str(onnx_path), load_external_data=False))
         manifest = write_manifest(
             staging,

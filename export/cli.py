@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--device", choices=["cpu", "cuda"], default="cpu",
         help="where validation runs: eager reference and onnxruntime provider (default cpu)",
     )
+    parser.add_argument("--external-data", action="store_true",
+                        help="store the weights in model.onnx.data (automatic for models over 2 GB)")
     parser.add_argument("--quiet", action="store_true", help="print only errors and the output folder")
     return parser
 
@@ -50,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = export_model(
             args.model, out, dtype=args.dtype, opset=args.opset, force=args.force,
-            validate=not args.no_validate, device=args.device, step=step,
+            validate=not args.no_validate, device=args.device, external_data=args.external_data or None, step=step,
         )
     except ContractBroken as error:
         console.print(contract_table(error.report, only_broken=True))

@@ -64,10 +64,13 @@ def _quiet_exporter():
             lg.setLevel(level)
 
 
-def export_decoder(model: GPTMegLMHeadModel, folder: Path, opset: int = DEFAULT_OPSET) -> Path:
+def export_decoder(
+    model: GPTMegLMHeadModel, folder: Path, opset: int = DEFAULT_OPSET, external_data: bool | None = None
+) -> Path:
     """Trace ``model`` (in its own dtype, on CPU) to ``folder/model.onnx``; returns the path.
 
-    Weights above ONNX's 2 GB protobuf limit are written as external data (``model.onnx.data``) automatically.
+    Weights go to ``model.onnx.data`` (ONNX external data) when ``external_data`` is True, and automatically when
+    the model is over ONNX's 2 GB protobuf limit (``None``).
     """
     if opset < MIN_OPSET:
         raise ExportError(f"--opset {opset} is too old: the fp32 LayerNorm island needs LayerNormalization (opset "
@@ -91,7 +94,7 @@ def export_decoder(model: GPTMegLMHeadModel, folder: Path, opset: int = DEFAULT_
         except Exception as error:  # the exporter's own errors are long; keep the first line in ours
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise ExportError(f"torch.onnx.export failed: {first}") from error
-        program.save(str(path))
+        program.save(str(path), external_data=external_data)
     return path
 
 
