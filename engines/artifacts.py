@@ -86,7 +86,7 @@ class ExportArtifact:
         if not path.is_file():
             raise ArtifactError(
                 f"{self.folder} has no tokenizer.json: the export was made from a checkpoint without a tokenizer. "
-                "Pass token ids instead of text, or re-export from a folder that has one."
+                "Re-export from a folder that has one, or call engines.generate() with token ids from Python."
             )
         return Tokenizer.from_file(str(path))
 
