@@ -6,30 +6,16 @@ device and fed back as ``past_key_values.*`` without a round trip through numpy 
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import onnxruntime as ort
+
+from export.ort_session import PROVIDERS, SessionError, available_providers, create_session
 
 from .artifacts import ExportArtifact
 from .errors import EngineError
 from .runtime import DecoderRuntime, StepOutput
 
 __all__ = ["PROVIDERS", "OrtDecoder", "available_providers"]
-
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
-_OPTIMIZATION = {
-    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-}
-
-
-def available_providers() -> list[str]:
-    """Our provider names (cpu, cuda) that this onnxruntime build offers."""
-    offered = set(ort.get_available_providers())
-    return [name for name, provider in PROVIDERS.items() if provider in offered]
 
 
 class OrtDecoder(DecoderRuntime):
@@ -42,40 +28,11 @@ class OrtDecoder(DecoderRuntime):
         optimization: str = "all",
         allow_fallback: bool = False,
     ):
-        if provider not in PROVIDERS:
-            raise EngineError(f"unknown provider {provider!r}: choose one of {', '.join(PROVIDERS)}.")
-        if optimization not in _OPTIMIZATION:
-            raise EngineError(f"unknown optimization level {optimization!r}: choose one of {', '.join(_OPTIMIZATION)}.")
-        wanted = PROVIDERS[provider]
-        if wanted not in ort.get_available_providers():
-            message = (
-                f"onnxruntime {ort.__version__} here has no {wanted} (it offers "
-                f"{', '.join(ort.get_available_providers())}). "
-                + ("Install onnxruntime-gpu (pip install '.[cuda]') on a machine with CUDA, or use --provider cpu."
-                   if provider == "cuda" else "")
-            )
-            raise EngineError(message.strip())
-        options = ort.SessionOptions()
-        options.graph_optimization_level = _OPTIMIZATION[optimization]
-        options.log_severity_level = 3
-        if threads is not None:
-            if threads < 1:
-                raise EngineError(f"threads must be >= 1, got {threads}.")
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
-        providers = [wanted] + (["CPUExecutionProvider"] if provider == "cuda" else [])
         try:
-            self.session = ort.InferenceSession(str(artifact.model_path), options, providers=providers)
-        except Exception as error:  # noqa: BLE001 - onnxruntime raises its own exception types
-            raise EngineError(f"onnxruntime could not load {artifact.model_path}: {error}") from None
-        active = self.session.get_providers()[0]
-        if active != wanted:
-            # onnxruntime-gpu silently falls back to CPU when CUDA libraries are missing
-            message = f"asked for {wanted} but onnxruntime runs on {active} (CUDA libraries missing or mismatched?)."
-            if not allow_fallback:
-                raise EngineError(message + " Fix the CUDA install or use --provider cpu.")
-            warnings.warn(message, RuntimeWarning, stacklevel=2)
-            provider = "cpu"
+            self.session, provider = create_session(artifact.model_path, provider, threads=threads,
+                                                    optimization=optimization, allow_fallback=allow_fallback)
+        except SessionError as error:
+            raise EngineError(str(error)) from None
         self.provider = provider
         self.device = "cuda" if provider == "cuda" else "cpu"
         self.spec = artifact.spec

@@ -16,6 +16,7 @@ from gptmeg import GPTMegLMHeadModel, load_config
 from gptmeg.tiny import TINY_NAME, tiny_model, tiny_tokenizer
 
 from .manifest import graph_io, package_versions, write_manifest
+from .ort_session import SessionError, create_session
 from .onnx_export import DEFAULT_OPSET, MODEL_FILE, ExportError, count_large_initializers, export_decoder
 from .precision_plan import ContractReport, check_precision_plan, expected_sites
 from .staging import staged_directory
@@ -76,19 +77,10 @@ def load_model(model_dir: str | None):
 
 def onnxruntime_runner(path: Path, provider: str = "cpu") -> Callable[[dict], dict]:
     """A callable feeds -> outputs over an onnxruntime session that really runs on ``provider``."""
-    import onnxruntime as ort
-
-    wanted = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}[provider]
-    if wanted not in ort.get_available_providers():
-        raise ExportError(
-            f"onnxruntime has no {wanted} here (available: {', '.join(ort.get_available_providers())}). "
-            "Install onnxruntime-gpu on a CUDA machine, or validate with --device cpu."
-        )
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=[wanted])
-    if session.get_providers()[0] != wanted:
-        raise ExportError(f"onnxruntime fell back to {session.get_providers()[0]} instead of {wanted}.")
+    try:
+        session, _ = create_session(path, provider)
+    except SessionError as error:
+        raise ExportError(str(error)) from None
     names = [o.name for o in session.get_outputs()]
 
     def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -19,7 +19,7 @@ from gptmeg import (
     GPTMegLMHeadModel,
     GPTMegModel,
 )
-from gptmeg._compat import CACHE_FIELD
+from gptmeg._compat import CACHE_FIELD, cache_tensors
 from tests.conftest import copy_into, gpt2_config
 
 TOL = 1e-5
@@ -41,10 +41,6 @@ def _max_abs(a, b) -> float:
     return float((a - b).abs().max())
 
 
-def _cache_tensors(cache):
-    return [t for layer in cache.layers for t in (layer.keys, layer.values)]
-
-
 @pytest.mark.parametrize("gpt2_cls,gptmeg_cls,field", HEADS, ids=[h[1].__name__ for h in HEADS])
 @torch.no_grad()
 def test_head_matches_gpt2_fp32(gpt2_cls, gptmeg_cls, field, left_padded_batch):
@@ -58,7 +54,7 @@ def test_head_matches_gpt2_fp32(gpt2_cls, gptmeg_cls, field, left_padded_batch):
     for e, a in zip(expected.hidden_states, actual.hidden_states):
         assert _max_abs(e, a) <= TOL
     if gpt2_cls is not GPT2ForTokenClassification:  # GPT-2's token classifier returns no cache
-        for e, a in zip(_cache_tensors(getattr(expected, CACHE_FIELD)), _cache_tensors(getattr(actual, CACHE_FIELD))):
+        for e, a in zip(cache_tensors(getattr(expected, CACHE_FIELD)), cache_tensors(getattr(actual, CACHE_FIELD))):
             assert _max_abs(e, a) <= TOL
 
 
