@@ -123,11 +123,12 @@ def export_model(
         config = model.config
         with stage(f"tracing to ONNX ({dtype}, opset {opset})"):
             onnx_path = export_decoder(model, staging, opset, external_data=external_data)
-        tied = count_large_initializers(onnx_path, (config.vocab_size, config.n_embd))
+        graph = onnx.load(str(onnx_path), load_external_data=False)  # structure only: read once, used thrice
+        tied = count_large_initializers(graph, (config.vocab_size, config.n_embd))
         if config.tie_word_embeddings and tied != 1:
             raise ExportError(f"the tied wte/lm_head matrix is stored {tied} times in the ONNX file (expected once).")
         with stage("checking the precision plan"):
-            contract = check_precision_plan(onnx_path, expected_sites(config.n_layer, config.activation_function))
+            contract = check_precision_plan(graph, expected_sites(config.n_layer, config.activation_function))
             contract.path = MODEL_FILE  # relative to the export folder, not the staging folder
             if not contract.ok:
                 raise ContractBroken(contract)
@@ -141,7 +142,7 @@ def export_model(
                 verification = verify_export(model.to(device), runner, dtype=dtype, provider=device)
                 if not verification.ok:
                     raise ValidationFailed(verification)
-        io = graph_io(onnx.load(str(onnx_path), load_external_data=False))
+        io = graph_io(graph)
         manifest = write_manifest(
             staging,
             {

@@ -98,8 +98,7 @@ def export_decoder(
     return path
 
 
-def count_large_initializers(path: Path, shape: tuple[int, int]) -> int:
+def count_large_initializers(model: onnx.ModelProto, shape: tuple[int, int]) -> int:
     """How many initializers of ``shape`` (either orientation) the graph stores: 1 for correctly tied embeddings."""
-    model = onnx.load(str(path), load_external_data=False)
     wanted = {tuple(shape), tuple(reversed(shape))}
     return sum(1 for init in model.graph.initializer if tuple(init.dims) in wanted)
