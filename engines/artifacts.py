@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from export import io_names
 from export.manifest import ManifestError, read_manifest, sha256_file
 
 from .errors import ArtifactError
@@ -38,10 +39,10 @@ class DecoderSpec:
         return _NUMPY_DTYPES[self.kv_dtype]
 
     def past_names(self) -> list[str]:
-        return [f"past_key_values.{i}.{kind}" for i in range(self.n_layer) for kind in ("key", "value")]
+        return io_names.past_names(self.n_layer)
 
     def present_names(self) -> list[str]:
-        return [f"present.{i}.{kind}" for i in range(self.n_layer) for kind in ("key", "value")]
+        return io_names.present_names(self.n_layer)
 
 
 class ExportArtifact:

@@ -13,24 +13,8 @@ from transformers.cache_utils import DynamicCache
 
 from gptmeg import GPTMegLMHeadModel
 
-__all__ = ["DecoderWithPast", "additive_causal_mask", "input_names", "output_names", "past_name", "present_name"]
 
-
-def past_name(flat_index: int) -> str:
-    """Name of the ``flat_index``-th past tensor: 0 -> past_key_values.0.key, 1 -> past_key_values.0.value, ..."""
-    return f"past_key_values.{flat_index // 2}.{('key', 'value')[flat_index % 2]}"
-
-
-def present_name(flat_index: int) -> str:
-    return f"present.{flat_index // 2}.{('key', 'value')[flat_index % 2]}"
-
-
-def input_names(n_layer: int) -> list[str]:
-    return ["input_ids", "attention_mask", "position_ids", *[past_name(i) for i in range(2 * n_layer)]]
-
-
-def output_names(n_layer: int) -> list[str]:
-    return ["logits", *[present_name(i) for i in range(2 * n_layer)]]
+__all__ = ["DecoderWithPast", "additive_causal_mask"]
 
 
 def additive_causal_mask(attention_mask: torch.Tensor, query_len: int, dtype: torch.dtype) -> torch.Tensor:

@@ -14,7 +14,8 @@ from torch.export import Dim
 
 from gptmeg import GPTMegLMHeadModel
 
-from .decoder import DecoderWithPast, input_names, output_names
+from .decoder import DecoderWithPast
+from .io_names import input_names, output_names
 
 __all__ = ["MIN_OPSET", "DEFAULT_OPSET", "ExportError", "export_decoder"]
 

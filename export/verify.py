@@ -23,7 +23,7 @@ import torch
 from gptmeg import GPTMegLMHeadModel
 from gptmeg._compat import cache_tensors, output_cache
 
-from .decoder import past_name, present_name
+from .io_names import past_name, present_name
 
 __all__ = [
     "OutputMetrics",
@@ -31,6 +31,7 @@ __all__ = [
     "compare_decoder",
     "verify_export",
     "validation_inputs",
+    "position_ids",
     "export_tolerance_failures",
 ]
 
@@ -88,7 +89,8 @@ def validation_inputs(vocab_size: int, batch: int = 4, prompt: int = 48, pads=(0
     return input_ids, attention_mask
 
 
-def _positions(attention_mask: torch.Tensor, new: int) -> torch.Tensor:
+def position_ids(attention_mask: torch.Tensor, new: int) -> torch.Tensor:
+    """Positions of the last ``new`` tokens, counting real tokens only (transformers' convention)."""
     return (attention_mask.cumsum(-1) - 1).clamp_min(0)[:, -new:]
 
 
@@ -168,7 +170,7 @@ def compare_decoder(
     eager_cache = None
     step_ids, mask = input_ids, attention_mask
     for step in range(decode_steps + 1):
-        positions = _positions(mask, step_ids.shape[1])
+        positions = position_ids(mask, step_ids.shape[1])
         feeds = {
             "input_ids": step_ids.numpy(),
             "attention_mask": mask.numpy(),

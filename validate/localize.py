@@ -18,7 +18,8 @@ import numpy as np
 import onnx
 import torch
 
-from export.decoder import past_name
+from export.io_names import past_name
+from export.verify import position_ids
 from gptmeg import GPTMegLMHeadModel
 
 __all__ = ["SiteError", "Localization", "site_tensors", "localize"]
@@ -167,7 +168,7 @@ def localize(
     head_dim = model.config.n_embd // model.config.n_head
     batch = input_ids.shape[0]
     np_dtype = np.float16 if graph_dtype == "fp16" else np.float32
-    positions = (attention_mask.cumsum(-1) - 1).clamp_min(0)
+    positions = position_ids(attention_mask, attention_mask.shape[1])
     feeds = {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy(),
              "position_ids": positions.numpy()}
     for i in range(2 * n_layer):

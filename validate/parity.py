@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from engines import GenerationSettings, generate
+from engines import GenerationSettings, generate, left_pad
 from engines.runtime import DecoderRuntime
 from export.precision_plan import ContractReport
 from export.verify import OutputMetrics, compare_decoder, export_tolerance_failures, validation_inputs
@@ -140,16 +140,6 @@ def tolerance_failures(metrics: list[OutputMetrics], graph_dtype: str, reference
     return failures
 
 
-def _left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r)
-        mask[i, width - len(r):] = 1
-    return ids, mask
-
-
 def build_cases(tokenizer, prompts: list[str], batch: int, vocab_size: int, pad_token_id: int,
                 max_prompt: int) -> list[Case]:
     """Real prompts through the tokenizer (cycled to fill ``batch`` rows, left-padded) and random token batches."""
@@ -157,7 +147,8 @@ def build_cases(tokenizer, prompts: list[str], batch: int, vocab_size: int, pad_
     if tokenizer is not None and prompts:
         rows = [tokenizer.encode(prompts[i % len(prompts)]).ids[:max_prompt] for i in range(batch)]
         rows = [r or [pad_token_id] for r in rows]
-        cases.append(Case("prompts", *_left_pad(rows, pad_token_id)))
+        input_ids, attention_mask = left_pad(rows, pad_token_id)
+        cases.append(Case("prompts", torch.from_numpy(input_ids), torch.from_numpy(attention_mask)))
     length = min(48, max_prompt)
     cases.append(Case("random tokens", *validation_inputs(vocab_size, batch=batch, prompt=length, seed=1)))
     return cases
