@@ -16,7 +16,7 @@ from export.manifest import ManifestError, read_manifest, sha256_file
 
 from .errors import ArtifactError
 
-__all__ = ["DecoderSpec", "ExportArtifact", "open_export"]
+__all__ = ["DecoderSpec", "ExportArtifact", "load_tokenizer", "open_export"]
 
 _NUMPY_DTYPES = {"float16": np.float16, "float32": np.float32}
 
@@ -63,10 +63,17 @@ class ExportArtifact:
     @cached_property
     def spec(self) -> DecoderSpec:
         config, kv = self.manifest["config"], self.manifest["kv_cache"]
-        eos = config.get("eos_token_id")
-        eos = eos[0] if isinstance(eos, list) else eos
-        pad = config.get("pad_token_id")
-        kv_input = next(i for i in self.manifest["inputs"] if i["name"] == "past_key_values.0.key")
+        vocab = config["vocab_size"]
+
+        def in_vocab(token):  # a config may name ids the model cannot produce (GPT-2's 50256 in a small vocab)
+            token = token[0] if isinstance(token, list) and token else token
+            return token if isinstance(token, int) and 0 <= token < vocab else None
+
+        eos, pad = in_vocab(config.get("eos_token_id")), in_vocab(config.get("pad_token_id"))
+        kv_input = next((i for i in self.manifest["inputs"] if i["name"] == io_names.past_name(0)), None)
+        if kv_input is None or kv_input.get("dtype") not in _NUMPY_DTYPES:
+            raise ArtifactError(f"the manifest of {self.folder} does not describe the {io_names.past_name(0)} input; "
+                                "re-export the model.")
         return DecoderSpec(
             n_layer=kv["n_layer"],
             n_head=kv["n_head"],
@@ -81,15 +88,34 @@ class ExportArtifact:
     @cached_property
     def tokenizer(self):
         """The export's fast tokenizer (``tokenizers.Tokenizer``), or an ArtifactError saying it is missing."""
-        from tokenizers import Tokenizer
-
-        path = self.folder / "tokenizer.json"
-        if not path.is_file():
+        if not (self.folder / TOKENIZER_FILE).is_file():
             raise ArtifactError(
-                f"{self.folder} has no tokenizer.json: the export was made from a checkpoint without a tokenizer. "
-                "Re-export from a folder that has one, or call engines.generate() with token ids from Python."
+                f"{self.folder} has no tokenizer (the checkpoint it was exported from had none): pass token ids with "
+                "--prompt-ids 1,2,3, or a tokenizer with --tokenizer DIR (a folder with tokenizer.json)."
             )
-        return Tokenizer.from_file(str(path))
+        return load_tokenizer(self.folder, self.spec.vocab_size)
+
+
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def load_tokenizer(folder: str | Path, vocab_size: int):
+    """``tokenizers.Tokenizer`` from ``folder/tokenizer.json``, refused when its ids do not fit ``vocab_size``."""
+    from tokenizers import Tokenizer
+
+    path = Path(folder) / TOKENIZER_FILE
+    if not path.is_file():
+        raise ArtifactError(f"{folder} has no {TOKENIZER_FILE}; pass a folder that has one (save_pretrained() of a "
+                            "fast tokenizer writes it).")
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as error:  # noqa: BLE001 - the tokenizers library raises its own exception type
+        raise ArtifactError(f"{path} cannot be read as a tokenizer ({error}).") from None
+    size = tokenizer.get_vocab_size(with_added_tokens=True)
+    if size > vocab_size:
+        raise ArtifactError(f"the tokenizer in {folder} has {size} tokens but the model's vocabulary has {vocab_size}: "
+                            "it is not this model's tokenizer.")
+    return tokenizer
 
 
 def open_export(folder: str | Path, verify: bool = True) -> ExportArtifact:

@@ -9,11 +9,13 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .artifacts import open_export
+from export.terminal import interrupt_exit_code, print_error, print_plain, termination_as_interrupt
+
+from .artifacts import load_tokenizer, open_export
 from .backends import ALIASES, BACKENDS, make_runtime
-from .bench import bench_runtime
+from .bench import bench_runtime, check_bench_settings
 from .errors import EngineError
-from .generation import GenerationSettings, generate
+from .generation import GenerationSettings, check_prompts, generate
 from .sampling import SamplingSettings
 from .streaming import TextStream
 
@@ -38,7 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
                               description="Generate from one or more prompts (several --prompt: one batch, "
                                           "left-padded). Greedy unless a sampling option is given.")
     _runtime_options(gen)
-    gen.add_argument("--prompt", action="append", required=True, help="prompt text; repeat for a batch")
+    given = gen.add_mutually_exclusive_group(required=True)
+    given.add_argument("--prompt", action="append", help="prompt text; repeat for a batch")
+    given.add_argument("--prompt-ids", action="append", metavar="IDS",
+                       help="prompt as comma-separated token ids (e.g. 15496,995); repeat for a batch. For exports "
+                            "without a tokenizer")
+    gen.add_argument("--tokenizer", metavar="DIR", default=None,
+                     help="folder with the tokenizer.json to use (default: the export's own)")
     gen.add_argument("--max-new-tokens", type=int, default=32)
     gen.add_argument("--temperature", type=float, default=None, help="sample with this temperature")
     gen.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
@@ -123,9 +131,42 @@ def _sampling(args) -> SamplingSettings:
     )
 
 
+def _tokenizer(args, artifact, needed: bool):
+    """--tokenizer DIR, else the export's; None when neither exists and ``needed`` is False."""
+    if args.tokenizer:
+        return load_tokenizer(args.tokenizer, artifact.spec.vocab_size)
+    if needed or (artifact.folder / "tokenizer.json").is_file():
+        return artifact.tokenizer
+    return None
+
+
+def _parse_ids(text: str, number: int) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise EngineError(f"--prompt-ids #{number} ({text!r}) must be comma-separated integers, e.g. 15496,995.") \
+            from None
+
+
+def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
+    prompts = []
+    for number, text in enumerate(texts, start=1):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:  # argv bytes that are not UTF-8 arrive as lone surrogates
+            raise EngineError(f"--prompt #{number} is not valid UTF-8 text (a byte at position {error.start} cannot "
+                              "be decoded); pass UTF-8 text, or token ids with --prompt-ids.") from None
+        prompts.append(tokenizer.encode(text).ids)
+    return prompts
+
+
 def _generate(args, runtime, artifact, console: Console) -> None:
-    tokenizer = artifact.tokenizer
-    prompts = [tokenizer.encode(p).ids for p in args.prompt]
+    by_text = args.prompt is not None
+    tokenizer = _tokenizer(args, artifact, needed=by_text)
+    if by_text:
+        prompts = _encode(tokenizer, args.prompt)
+    else:
+        prompts = [_parse_ids(text, n) for n, text in enumerate(args.prompt_ids, start=1)]
     settings = GenerationSettings(
         max_new_tokens=args.max_new_tokens,
         sampling=_sampling(args),
@@ -133,38 +174,45 @@ def _generate(args, runtime, artifact, console: Console) -> None:
         eos_token_id=-1 if args.ignore_eos else None,
         stop_strings=tuple(args.stop),
     )
-    decode = tokenizer.decode
-    streams = [TextStream(decode) for _ in prompts]
-    single = len(prompts) == 1
+    check_prompts(runtime.spec, prompts)  # before anything is printed
+    if settings.stop_strings and tokenizer is None:
+        raise EngineError("--stop needs a tokenizer to read the generated text; pass --tokenizer DIR.")
+    decode = tokenizer.decode if tokenizer is not None else None
+    streams = [TextStream(decode) for _ in prompts] if decode else []
+    single = by_text and len(prompts) == 1
     if single:
         sys.stdout.write(args.prompt[0])
         sys.stdout.flush()
 
     def on_tokens(tokens, active):
-        for row in active.nonzero()[0]:
-            piece = streams[row].push(int(tokens[row]))
-            if single and piece:
-                sys.stdout.write(piece)
-                sys.stdout.flush()
+        if not single:
+            return
+        piece = streams[0].push(int(tokens[0])) if active[0] else ""
+        if piece:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
 
     result = generate(runtime, prompts, settings, on_tokens=on_tokens, decode=decode)
     if single:
         sys.stdout.write(streams[0].flush() + "\n")
     else:
-        for prompt, tokens in zip(args.prompt, result.tokens):
-            print(prompt + decode(tokens))
-            print("---")
-    console.print(
+        for number, tokens in enumerate(result.tokens):
+            if decode is None:
+                print(",".join(str(t) for t in tokens))
+            else:
+                print((args.prompt[number] if by_text else decode(prompts[number])) + decode(tokens))
+            if len(prompts) > 1:
+                print("---")
+    print_plain(
+        console,
         f"{runtime.describe()}: prefill {1e3 * result.prefill_seconds:.1f} ms, "
         f"{result.decode_tokens_per_second:.1f} decode tokens/s, finished: {', '.join(result.finish_reasons)}",
-        highlight=False,
-        markup=False,
     )
 
 
 def _bench(args, runtime, console: Console) -> None:
-    table = Table(title=f"{escape(runtime.describe())} - greedy, prompt {args.prompt_length}, {args.new_tokens} new tokens, "
-                        f"median of {args.repeats}")
+    table = Table(title=f"{escape(runtime.describe())} - greedy, prompt {args.prompt_length}, {args.new_tokens} new "
+                        f"tokens, median of {args.repeats}")
     for column in ("batch", "prefill ms", "decode ms/step", "decode tokens/s"):
         table.add_column(column, justify="right")
     for batch in args.batch:
@@ -178,22 +226,31 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     console = Console(stderr=True, soft_wrap=True)
     try:
-        artifact = open_export(args.export_dir, verify=not args.no_verify)
-        if args.command == "build":
-            _build(args, artifact, console)
-            return 0
-        if args.command == "trtexec":
-            _trtexec(args, artifact)
-            return 0
-        runtime = make_runtime(artifact, args.backend, provider=args.provider, threads=args.threads)
-        if args.command == "generate":
-            _generate(args, runtime, artifact, console)
-        else:
-            _bench(args, runtime, console)
+        with termination_as_interrupt():
+            return _run(args, console)
     except (EngineError, ValueError) as error:
-        console.print(f"[red]error:[/] {error}", highlight=False)
+        sys.stdout.flush()
+        print_error(console, str(error))
         return 2
-    except KeyboardInterrupt:
-        console.print("interrupted.")
-        return 130
+    except KeyboardInterrupt as error:
+        print_plain(console, "interrupted.")
+        return interrupt_exit_code(error)
+
+
+def _run(args, console: Console) -> int:
+    artifact = open_export(args.export_dir, verify=not args.no_verify)
+    if args.command == "build":
+        _build(args, artifact, console)
+        return 0
+    if args.command == "trtexec":
+        _trtexec(args, artifact)
+        return 0
+    if args.command == "bench":  # settings first: a bad option should not wait for a session to load
+        check_bench_settings(artifact.spec.max_sequence, args.batch, args.prompt_length, args.new_tokens,
+                             args.repeats)
+    runtime = make_runtime(artifact, args.backend, provider=args.provider, threads=args.threads)
+    if args.command == "generate":
+        _generate(args, runtime, artifact, console)
+    else:
+        _bench(args, runtime, console)
     return 0

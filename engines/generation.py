@@ -13,10 +13,11 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .errors import EngineError
+from .artifacts import DecoderSpec
 from .runtime import DecoderRuntime
 from .sampling import SamplingSettings, select_next_tokens
 
-__all__ = ["GenerationSettings", "GenerationResult", "generate", "left_pad"]
+__all__ = ["GenerationSettings", "GenerationResult", "check_prompts", "generate", "left_pad"]
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,10 @@ class GenerationSettings:
     def __post_init__(self):
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}.")
+        if self.seed is not None and self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}.")
+        if any(not s for s in self.stop_strings):
+            raise ValueError("a stop string must not be empty (it would stop at once).")
 
 
 @dataclass
@@ -60,6 +65,26 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[np.nd
     return input_ids, attention_mask
 
 
+def check_prompts(spec: DecoderSpec, prompts: Sequence[Sequence[int]]) -> None:
+    """EngineError naming the prompt (and the id) that cannot run: empty, too long for the context, or an id
+    outside the vocabulary. Cheap: call it before printing anything."""
+    if not prompts:
+        raise EngineError("no prompt given.")
+    many = len(prompts) > 1
+    for number, prompt in enumerate(prompts, start=1):
+        which = f"prompt {number} of {len(prompts)}" if many else "the prompt"
+        if len(prompt) == 0:
+            raise EngineError(f"{which} is empty: every prompt needs at least one token.")
+        if len(prompt) >= spec.max_sequence:
+            raise EngineError(
+                f"{which} has {len(prompt)} tokens but the model's context is {spec.max_sequence} tokens, leaving no "
+                "room to generate. Shorten the prompt."
+            )
+        bad = next((t for t in prompt if not 0 <= t < spec.vocab_size), None)
+        if bad is not None:
+            raise EngineError(f"{which} has token id {bad}; ids must be in [0, {spec.vocab_size}).")
+
+
 def generate(
     runtime: DecoderRuntime,
     prompts: Sequence[Sequence[int]],
@@ -76,15 +101,7 @@ def generate(
     spec = runtime.spec
     if settings.stop_strings and decode is None:
         raise EngineError("stop strings need a tokenizer to decode the generated text.")
-    longest = max(len(p) for p in prompts) if prompts else 0
-    if longest >= spec.max_sequence:
-        raise EngineError(
-            f"the prompt has {longest} tokens but the model's context is {spec.max_sequence} tokens, leaving no room "
-            "to generate. Shorten the prompt."
-        )
-    for prompt in prompts:
-        if any(not 0 <= t < spec.vocab_size for t in prompt):
-            raise EngineError(f"prompt token ids must be in [0, {spec.vocab_size}); got {max(prompt)}.")
+    check_prompts(spec, prompts)
     eos = spec.eos_token_id if settings.eos_token_id is None else settings.eos_token_id
     rng = np.random.default_rng(settings.seed)
 

@@ -10,8 +10,23 @@ from typing import Any
 import numpy as np
 
 from .artifacts import DecoderSpec
+from .errors import EngineError
 
-__all__ = ["DecoderRuntime", "StepOutput"]
+__all__ = ["DecoderRuntime", "StepOutput", "check_token_inputs"]
+
+
+def check_token_inputs(spec: DecoderSpec, input_ids: np.ndarray, position_ids: np.ndarray | None = None) -> None:
+    """Refuse token ids outside [0, vocab) and positions outside [0, context), as eager PyTorch does. (ONNX Gather
+    counts a negative index from the end, so id -1 would silently read the last token's embedding.)"""
+    ids = np.asarray(input_ids)
+    if ids.size and (ids.min() < 0 or ids.max() >= spec.vocab_size):
+        bad = int(ids[(ids < 0) | (ids >= spec.vocab_size)].flat[0])
+        raise EngineError(f"token id {bad} is outside the vocabulary [0, {spec.vocab_size}).")
+    if position_ids is not None:
+        positions = np.asarray(position_ids)
+        if positions.size and (positions.min() < 0 or positions.max() >= spec.max_sequence):
+            bad = int(positions[(positions < 0) | (positions >= spec.max_sequence)].flat[0])
+            raise EngineError(f"position {bad} is outside the model's context [0, {spec.max_sequence}).")
 
 
 @dataclass

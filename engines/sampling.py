@@ -31,14 +31,15 @@ class SamplingSettings:
     repetition_penalty: float = 1.0  # 1.0: off
 
     def __post_init__(self):
-        if self.temperature <= 0:
+        # written as "not (x > 0)" so that NaN, which compares False with everything, is refused too
+        if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature} (use greedy decoding instead of 0).")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}.")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}.")
+        if not self.repetition_penalty > 0 or self.repetition_penalty == float("inf"):
+            raise ValueError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}.")
 
 
 def apply_repetition_penalty(scores: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:

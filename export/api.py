@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
-from dataclasses import dataclass
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -12,18 +12,19 @@ import numpy as np
 import onnx
 import torch
 
-from gptmeg import GPTMegLMHeadModel, load_config
+from gptmeg import LoadReport, load_pretrained
 from gptmeg.tiny import TINY_NAME, tiny_model, tiny_tokenizer
 
-from .manifest import graph_io, package_versions, write_manifest
+from .manifest import graph_io, is_export_folder, package_versions, write_manifest
 from .ort_session import SessionError, create_session
-from .onnx_export import DEFAULT_OPSET, MODEL_FILE, ExportError, count_large_initializers, export_decoder
+from .onnx_export import DEFAULT_OPSET, MODEL_FILE, ExportError, check_opset, export_decoder, graph_opset
+from .tied_weights import count_large_initializers
 from .precision_plan import ContractReport, check_precision_plan, expected_sites
 from .staging import staged_directory
 from .verify import VerifyReport, verify_export
 
-__all__ = ["DTYPES", "ExportResult", "ExportError", "ContractBroken", "ValidationFailed", "export_model",
-           "default_output_dir", "load_model", "onnxruntime_runner"]
+__all__ = ["DTYPES", "ExportResult", "ExportError", "ContractBroken", "ValidationFailed", "LoadedModel", "export_model",
+           "default_output_dir", "load_model", "load_tokenizer", "onnxruntime_runner"]
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 BUILTIN = None  # --model not given: the built-in tiny model
@@ -49,6 +50,19 @@ class ExportResult:
     contract: ContractReport
     verification: VerifyReport | None
     seconds: float
+    notes: list[str] = field(default_factory=list)  # things the user should know (no tokenizer, swept leftovers)
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module  # fp32, eval mode
+    tokenizer: object | None  # a transformers tokenizer, or None when the checkpoint has no tokenizer files
+    source: str  # "builtin:<name>" or the checkpoint's absolute path
+    checkpoint: LoadReport | None = None  # what loading the weights found (None for the built-in model)
+    notes: list[str] = field(default_factory=list)
+
+
+TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"))
 
 
 def default_output_dir(model_dir: str | None, dtype: str) -> Path:
@@ -56,23 +70,51 @@ def default_output_dir(model_dir: str | None, dtype: str) -> Path:
     return Path("exports") / f"{name}-{dtype}"
 
 
-def load_model(model_dir: str | None):
-    """(model in fp32, tokenizer or None, source description) for a checkpoint folder or the built-in model."""
-    if model_dir is None:
-        return tiny_model(), tiny_tokenizer(), f"builtin:{TINY_NAME}"
-    load_config(model_dir)  # clear CheckpointError for a missing folder / wrong model type
-    try:
-        model = GPTMegLMHeadModel.from_pretrained(model_dir, dtype=torch.float32)
-    except (OSError, ValueError, RuntimeError) as error:
-        raise ExportError(f"could not load the model weights from {model_dir}: {error}") from error
-    tokenizer = None
+def _has_tokenizer_files(folder: Path) -> bool:
+    return any(all((folder / name).is_file() for name in group) for group in TOKENIZER_FILES)
+
+
+def load_tokenizer(model_dir: str | Path, vocab_size: int):
+    """The checkpoint's tokenizer, or None when the folder has no tokenizer files (never a made-up one).
+
+    A tokenizer that cannot be loaded, or whose ids do not fit the model's vocabulary, is an ExportError."""
+    folder = Path(model_dir)
+    if not _has_tokenizer_files(folder):
+        return None
     try:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    except (OSError, ValueError, TypeError):
-        tokenizer = None
-    return model.eval(), tokenizer, str(Path(model_dir).resolve())
+        from gptmeg.loading import quiet_transformers
+
+        with quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    except Exception as error:  # noqa: BLE001 - tokenizer loaders raise many types for damaged files
+        raise ExportError(f"the tokenizer files in {folder} cannot be loaded ({type(error).__name__}: {error}). "
+                          "Fix or remove them.") from None
+    if len(tokenizer) > vocab_size:
+        raise ExportError(
+            f"the tokenizer in {folder} has {len(tokenizer)} tokens but the model's vocab_size is {vocab_size}: "
+            "ids the model cannot embed would reach it. Put the checkpoint's own tokenizer files in the folder, or "
+            "remove them to export without a tokenizer."
+        )
+    return tokenizer
+
+
+def load_model(model_dir: str | None, *, allow_incomplete: bool = False) -> LoadedModel:
+    """The model in fp32, its tokenizer (or None) and where it came from, for a checkpoint folder or the built-in
+    model. A checkpoint whose tensors do not cover the model is refused unless ``allow_incomplete``."""
+    if model_dir is None:
+        return LoadedModel(tiny_model(), tiny_tokenizer(), f"builtin:{TINY_NAME}")
+    model, report = load_pretrained(model_dir, dtype=torch.float32, allow_incomplete=allow_incomplete)
+    notes = []
+    if not report.complete:
+        notes.append(f"the checkpoint is incomplete and the export is NOT the checkpoint: {report.describe()} "
+                     "(random values, accepted by --allow-incomplete-checkpoint).")
+    tokenizer = load_tokenizer(model_dir, model.config.vocab_size)
+    if tokenizer is None:
+        notes.append(f"{model_dir} has no tokenizer files (tokenizer.json, or vocab.json + merges.txt): the export "
+                     "has none. `python -m engines generate` then needs --prompt-ids, or --tokenizer DIR.")
+    return LoadedModel(model, tokenizer, str(Path(model_dir).resolve()), report, notes)
 
 
 def onnxruntime_runner(path: Path, provider: str = "cpu") -> Callable[[dict], dict]:
@@ -84,7 +126,11 @@ def onnxruntime_runner(path: Path, provider: str = "cpu") -> Callable[[dict], di
     names = [o.name for o in session.get_outputs()]
 
     def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return dict(zip(names, session.run(names, feeds)))
+        try:
+            return dict(zip(names, session.run(names, feeds)))
+        except Exception as error:  # noqa: BLE001 - onnxruntime raises its own exception types
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ExportError(f"onnxruntime could not run the exported graph: {first}") from None
 
     return run
 
@@ -99,12 +145,16 @@ def export_model(
     validate: bool = True,
     device: str = "cpu",
     external_data: bool | None = None,
+    allow_incomplete: bool = False,
     step: Callable[[str], object] | None = None,
 ) -> ExportResult:
     """Export a GPTMeg/GPT-2 checkpoint folder (or the built-in model) to an ONNX folder.
 
     ``step(description)`` is called as each stage starts and may return a context manager (a progress spinner).
-    Nothing is written to ``out`` unless every stage succeeds; an existing ``out`` is replaced only with ``force``.
+    Nothing is written to ``out`` unless every stage succeeds. An existing ``out`` is replaced only with ``force``,
+    only when it is a previous export (or empty), and never when it is the current folder, one of its parents, or
+    holds or is inside the checkpoint. A checkpoint whose tensors do not cover the model is refused unless
+    ``allow_incomplete``.
     """
     if dtype not in DTYPES:
         raise ExportError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}.")
@@ -112,14 +162,17 @@ def export_model(
         raise ExportError(f"unknown device {device!r}: choose cpu or cuda.")
     if device == "cuda" and not torch.cuda.is_available():
         raise ExportError("--device cuda asked for, but torch sees no CUDA device. Use --device cpu.")
+    check_opset(opset)
     stage = step or (lambda _description: nullcontext())
     out = Path(out) if out is not None else default_output_dir(model_dir, dtype)
+    protected = [Path(model_dir)] if model_dir is not None else []
     started = time.perf_counter()
 
-    with staged_directory(out, overwrite=force) as staging:  # checks --force / writability before any work
+    staging_context = staged_directory(out, overwrite=force, marker=is_export_folder, protected=protected)
+    with staging_context as staging, _disk_errors(out):  # checks --force / writability before any work
         with stage("loading the model"):
-            model, tokenizer, source = load_model(model_dir)
-            model = model.to(DTYPES[dtype])
+            loaded = load_model(model_dir, allow_incomplete=allow_incomplete)
+            model = loaded.model.to(DTYPES[dtype])
         config = model.config
         with stage(f"tracing to ONNX ({dtype}, opset {opset})"):
             onnx_path = export_decoder(model, staging, opset, external_data=external_data)
@@ -128,13 +181,14 @@ def export_model(
         if config.tie_word_embeddings and tied != 1:
             raise ExportError(f"the tied wte/lm_head matrix is stored {tied} times in the ONNX file (expected once).")
         with stage("checking the precision plan"):
-            contract = check_precision_plan(graph, expected_sites(config.n_layer, config.activation_function))
+            contract = check_precision_plan(graph, expected_sites(config.n_layer, config.activation_function,
+                                                              scale_attn_weights=config.scale_attn_weights))
             contract.path = MODEL_FILE  # relative to the export folder, not the staging folder
             if not contract.ok:
                 raise ContractBroken(contract)
         config.save_pretrained(staging)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
+        if loaded.tokenizer is not None:
+            loaded.tokenizer.save_pretrained(staging)
         verification = None
         if validate:
             with stage(f"validating with onnxruntime ({device}) against eager {dtype}"):
@@ -146,11 +200,12 @@ def export_model(
         manifest = write_manifest(
             staging,
             {
-                "source": source,
+                "source": loaded.source,
                 "dtype": dtype,
-                "opset": opset,
+                "opset": graph_opset(graph),
                 "model_file": MODEL_FILE,
-                "has_tokenizer": tokenizer is not None,
+                "has_tokenizer": loaded.tokenizer is not None,
+                "checkpoint": loaded.checkpoint.to_dict() if loaded.checkpoint is not None else None,
                 "config": config.to_dict(),
                 "kv_cache": {
                     "n_layer": config.n_layer,
@@ -172,4 +227,16 @@ def export_model(
         contract=contract,
         verification=verification,
         seconds=time.perf_counter() - started,
+        notes=loaded.notes,
     )
+
+
+@contextmanager
+def _disk_errors(out: Path):
+    """A file-system error while writing (disk full, name too long, permissions) as one ExportError naming it."""
+    try:
+        yield
+    except OSError as error:
+        where = f" ({error.filename})" if error.filename else ""
+        raise ExportError(f"could not write the export for {out}: {error.strerror or error}{where}. Nothing was "
+                          "written; free some space or choose another --out.") from error

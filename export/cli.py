@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 
 from rich.console import Console
+from rich.text import Text
 
 from gptmeg import CheckpointError
 
 from .api import DTYPES, ContractBroken, ExportError, ValidationFailed, default_output_dir, export_model
-from .onnx_export import DEFAULT_OPSET
+from .onnx_export import DEFAULT_OPSET, MIN_OPSET, max_opset
 from .report import contract_table, verification_table
 from .staging import OutputExistsError, OutputNotWritableError
+from .terminal import interrupt_exit_code, print_error, print_plain, termination_as_interrupt
 
 __all__ = ["main", "build_parser"]
 
@@ -28,8 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", metavar="DIR", help="GPTMeg or GPT-2 checkpoint folder (default: built-in tiny model)")
     parser.add_argument("--out", metavar="DIR", help="output folder (default: exports/<model name>-<dtype>)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp16", help="precision of the graph (default fp16)")
-    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset, >= 17 (default {DEFAULT_OPSET})")
-    parser.add_argument("--force", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET,
+                        help=f"ONNX opset, {MIN_OPSET}..{max_opset()} here (default {DEFAULT_OPSET})")
+    parser.add_argument("--force", action="store_true",
+                        help="replace an existing output folder, if it is an earlier export (never any other folder)")
+    parser.add_argument("--allow-incomplete-checkpoint", action="store_true",
+                        help="export even when the checkpoint lacks tensors of the model (they get random values)")
     parser.add_argument("--no-validate", action="store_true", help="skip the onnxruntime-vs-eager validation")
     parser.add_argument(
         "--device", choices=["cpu", "cuda"], default="cpu",
@@ -44,35 +50,43 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     console = Console(stderr=True, quiet=args.quiet, soft_wrap=True)
+    errors = Console(stderr=True, soft_wrap=True)
     out = args.out or default_output_dir(args.model, args.dtype)
 
     def step(description: str):
-        return console.status(f"{description}...")
+        return console.status(Text(f"{description}..."))
 
     try:
-        result = export_model(
-            args.model, out, dtype=args.dtype, opset=args.opset, force=args.force,
-            validate=not args.no_validate, device=args.device, external_data=args.external_data or None, step=step,
-        )
+        with termination_as_interrupt():
+            result = export_model(
+                args.model, out, dtype=args.dtype, opset=args.opset, force=args.force,
+                validate=not args.no_validate, device=args.device, external_data=args.external_data or None,
+                allow_incomplete=args.allow_incomplete_checkpoint, step=step,
+            )
     except ContractBroken as error:
         console.print(contract_table(error.report, only_broken=True))
-        console.print(f"[red]error:[/] {error}\nNothing was written to {out}.", highlight=False)
+        print_error(errors, f"{error}\nNothing was written to {out}.")
         return 1
     except ValidationFailed as error:
         console.print(verification_table(error.report))
-        console.print(f"[red]error:[/] {error}\nNothing was written to {out}.", highlight=False)
+        print_error(errors, f"{error}\nNothing was written to {out}.")
         return 1
     except (ExportError, CheckpointError, OutputExistsError, OutputNotWritableError) as error:
-        Console(stderr=True, soft_wrap=True).print(f"[red]error:[/] {error}", highlight=False)
+        print_error(errors, str(error))
         return 2
-    except KeyboardInterrupt:
-        Console(stderr=True, soft_wrap=True).print(f"interrupted; nothing was written to {out}.")
-        return 130
+    except KeyboardInterrupt as error:
+        if getattr(error, "committed", False):
+            print_plain(errors, f"interrupted after {out} was written in full; it is complete.")
+        else:
+            print_plain(errors, f"interrupted; {out} was not changed and nothing was left behind.")
+        return interrupt_exit_code(error)
 
     console.print(contract_table(result.contract))
     if result.verification is not None:
         console.print(verification_table(result.verification))
+    for note in result.notes:
+        print_plain(errors, f"note: {note}", style="yellow")
     files = sorted(p.name for p in result.folder.iterdir())
-    console.print(f"wrote {result.folder}/ in {result.seconds:.1f}s: {', '.join(files)}", highlight=False)
+    print_plain(console, f"wrote {result.folder}/ in {result.seconds:.1f}s: {', '.join(files)}")
     print(result.folder)
     return 0

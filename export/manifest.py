@@ -13,7 +13,7 @@ from typing import Any
 import onnx
 
 __all__ = ["MANIFEST_NAME", "FORMAT", "sha256_file", "file_digests", "graph_io", "package_versions", "write_manifest",
-           "read_manifest", "ManifestError"]
+           "read_manifest", "is_export_folder", "ManifestError"]
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "gptmeg-export/1"
@@ -25,6 +25,9 @@ _ONNX_TYPES = {
     onnx.TensorProto.INT32: "int32",
     onnx.TensorProto.BOOL: "bool",
 }
+
+
+_KV_FIELDS = ("n_layer", "n_head", "head_dim", "max_sequence")
 
 
 class ManifestError(ValueError):
@@ -86,8 +89,36 @@ def write_manifest(folder: Path, content: dict[str, Any]) -> Path:
     return path
 
 
+def _structure_problem(manifest: Any) -> str | None:
+    """What is wrong with the shape of a parsed manifest (None when a runtime can rely on it)."""
+    if not isinstance(manifest, dict):
+        return f"holds a JSON {type(manifest).__name__}, not an object"
+    if manifest.get("format") != FORMAT:
+        return f"has format {manifest.get('format')!r}, expected {FORMAT!r}"
+    if manifest.get("dtype") not in ("fp16", "fp32"):
+        return f"has dtype {manifest.get('dtype')!r}, expected 'fp16' or 'fp32'"
+    config, kv = manifest.get("config"), manifest.get("kv_cache")
+    if not isinstance(config, dict) or not isinstance(config.get("vocab_size"), int):
+        return "has no config with an integer vocab_size"
+    if not isinstance(kv, dict) or not all(isinstance(kv.get(k), int) for k in _KV_FIELDS):
+        return f"has no kv_cache with integer {', '.join(_KV_FIELDS)}"
+    for key in ("inputs", "outputs"):
+        if not isinstance(manifest.get(key), list) or not all(isinstance(v, dict) and "name" in v
+                                                               for v in manifest[key]):
+            return f"has no list of {key}"
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        return "has no files table"
+    for name, entry in files.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("bytes"), int) \
+                or not isinstance(entry.get("sha256"), str):
+            return f"lists {name!r} without its sha256 and bytes"
+    return None
+
+
 def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
-    """The manifest of an export folder, with a clear error when the folder is not an export."""
+    """The manifest of an export folder, with a clear error when the folder is not an export or the manifest is
+    damaged (not JSON, not UTF-8, fields missing)."""
     folder = Path(folder)
     path = folder / MANIFEST_NAME
     if not folder.is_dir():
@@ -95,9 +126,22 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise ManifestError(f"{folder} has no {MANIFEST_NAME}: it is not a `python -m export` output folder.")
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ManifestError(f"{path} is not valid JSON ({error}); re-export the model.") from None
-    if manifest.get("format") != FORMAT:
-        raise ManifestError(f"{path} has format {manifest.get('format')!r}, expected {FORMAT!r}; re-export the model.")
+    except OSError as error:
+        raise ManifestError(f"{path} cannot be read ({error.strerror}).") from None
+    problem = _structure_problem(manifest)
+    if problem:
+        raise ManifestError(f"{path} {problem}; re-export the model.")
     return manifest
+
+
+def is_export_folder(folder: str | os.PathLike) -> bool:
+    """True when ``folder`` has a manifest.json that says it was written by ``python -m export`` (its format). The
+    test ``python -m export --force`` applies before replacing a folder."""
+    try:
+        manifest = json.loads((Path(folder) / MANIFEST_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == FORMAT

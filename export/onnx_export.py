@@ -16,8 +16,9 @@ from gptmeg import GPTMegLMHeadModel
 
 from .decoder import DecoderWithPast
 from .io_names import input_names, output_names
+from .tied_weights import count_large_initializers, refold_tied_transpose
 
-__all__ = ["MIN_OPSET", "DEFAULT_OPSET", "ExportError", "export_decoder"]
+__all__ = ["MIN_OPSET", "DEFAULT_OPSET", "ExportError", "check_opset", "export_decoder", "graph_opset", "max_opset"]
 
 MIN_OPSET = 17  # LayerNormalization
 DEFAULT_OPSET = 18
@@ -65,6 +66,26 @@ def _quiet_exporter():
             lg.setLevel(level)
 
 
+def max_opset() -> int:
+    """The newest default-domain opset the installed onnx package defines (the exporter cannot write a newer one)."""
+    return onnx.defs.onnx_opset_version()
+
+
+def check_opset(opset: int) -> None:
+    """An ExportError unless ``opset`` is one the fp32 islands allow and the installed exporter can write."""
+    if opset < MIN_OPSET:
+        raise ExportError(f"--opset {opset} is too old: the fp32 LayerNorm island needs LayerNormalization (opset "
+                          f">= {MIN_OPSET}).")
+    if opset > max_opset():
+        raise ExportError(f"--opset {opset} is newer than onnx {onnx.__version__} knows (at most {max_opset()}). "
+                          f"Choose {MIN_OPSET}..{max_opset()}, or upgrade onnx.")
+
+
+def graph_opset(model: onnx.ModelProto) -> int | None:
+    """The default-domain (ai.onnx) opset a graph declares."""
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
 def export_decoder(
     model: GPTMegLMHeadModel, folder: Path, opset: int = DEFAULT_OPSET, external_data: bool | None = None
 ) -> Path:
@@ -73,9 +94,7 @@ def export_decoder(
     Weights go to ``model.onnx.data`` (ONNX external data) when ``external_data`` is True, and automatically when
     the model is over ONNX's 2 GB protobuf limit (``None``).
     """
-    if opset < MIN_OPSET:
-        raise ExportError(f"--opset {opset} is too old: the fp32 LayerNorm island needs LayerNormalization (opset "
-                          f">= {MIN_OPSET}).")
+    check_opset(opset)
     n_layer = model.config.n_layer
     wrapper = DecoderWithPast(model.eval()).eval()
     path = folder / MODEL_FILE
@@ -96,10 +115,24 @@ def export_decoder(
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise ExportError(f"torch.onnx.export failed: {first}") from error
         program.save(str(path), external_data=external_data)
+    written = graph_opset(onnx.load(str(path), load_external_data=False))
+    if written != opset:
+        raise ExportError(f"asked for opset {opset}, but the exporter wrote opset {written}; choose --opset {written} "
+                          "or another version it supports.")
+    if model.config.tie_word_embeddings:
+        _store_tied_weight_once(path, (model.config.vocab_size, model.config.n_embd), external_data)
     return path
 
 
-def count_large_initializers(model: onnx.ModelProto, shape: tuple[int, int]) -> int:
-    """How many initializers of ``shape`` (either orientation) the graph stores: 1 for correctly tied embeddings."""
-    wanted = {tuple(shape), tuple(reversed(shape))}
-    return sum(1 for init in model.graph.initializer if tuple(init.dims) in wanted)
+def _store_tied_weight_once(path: Path, shape: tuple[int, int], external_data: bool | None) -> None:
+    """Undo the optimizer's fold of ``Transpose(wte)`` into a second copy (small vocab x n_embd); see tied_weights."""
+    if count_large_initializers(onnx.load(str(path), load_external_data=False), shape) <= 1:
+        return
+    model = onnx.load(str(path))  # with its data: the copies are compared element by element
+    if refold_tied_transpose(model, shape):
+        data = path.name + ".data"
+        if external_data or (path.parent / data).exists():
+            (path.parent / data).unlink(missing_ok=True)  # onnx appends to an existing data file; it is in memory
+            onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data)
+        else:
+            onnx.save(model, str(path))

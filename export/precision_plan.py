@@ -53,6 +53,7 @@ class ExpectedSites:
     layernorm: int
     gelu: int | None  # None: the model has no Megatron GELU, so its activation is not part of the contract
     attention_score: int
+    scaled_scores: bool = True  # False (scale_attn_weights=False): alpha may be 1, so a score needs no Mul(alpha)
 
 
 @dataclass
@@ -69,9 +70,12 @@ class ContractReport:
     @property
     def violations(self) -> list[Site]:
         broken = [s for s in self.sites if not s.intact]
+        if not any(s.kind != "graph" for s in self.sites):
+            broken.append(Site("graph", -1, "-", False, "no LayerNorm, GELU or attention-score site found: this is "
+                                                         "not a GPTMeg/GPT-2 graph, so nothing was proven"))
         if self.expected is not None:
             for kind, want in asdict(self.expected).items():
-                if want is None:
+                if want is None or kind == "scaled_scores":
                     continue
                 have = self.counts.get(kind, 0)
                 if have != want:
@@ -101,14 +105,18 @@ class ContractReport:
         }
 
 
-def expected_sites(n_layer: int, activation_function: str) -> ExpectedSites:
+def expected_sites(
+    n_layer: int, activation_function: str, *, scale_attn_weights: bool = True
+) -> ExpectedSites:
     """The sites a GPTMeg export of ``n_layer`` blocks has: 2 LayerNorms per block + the final one, a Megatron
     GELU per block (only when the activation is "gelu_fast"; other activations, e.g. GPT-2's "gelu_new", keep
-    transformers' half-precision semantics and are not checked), an attention score per block."""
+    transformers' half-precision semantics and are not checked), an attention score per block. Without
+    ``scale_attn_weights`` (a GPT-2 option) alpha is 1 and the exporter drops the multiplication by it."""
     return ExpectedSites(
         layernorm=2 * n_layer + 1,
         gelu=n_layer if activation_function == "gelu_fast" else None,
         attention_score=n_layer,
+        scaled_scores=bool(scale_attn_weights),
     )
 
 
@@ -299,7 +307,7 @@ def _scalar_constant(g: _Graph, names: Iterable[str]) -> float | None:
     return None
 
 
-def _attention_sites(g: _Graph, low: bool) -> Iterable[Site]:
+def _attention_sites(g: _Graph, low: bool, scale_required: bool = True) -> Iterable[Site]:
     for i, softmax in enumerate(n for n in g.nodes if n.op_type == "Softmax"):
         matmul, path = _score_matmul(g, softmax)
         if matmul is None:
@@ -311,7 +319,7 @@ def _attention_sites(g: _Graph, low: bool) -> Iterable[Site]:
             problems.append("Div after the score MatMul (scale applied by division, after rounding)")
         scale_index = next((k for k, n in enumerate(after) if n.op_type == "Mul"), None)
         alpha = _scalar_constant(g, after[scale_index].input) if scale_index is not None else None
-        if scale_index is None:
+        if scale_index is None and scale_required:
             problems.append("no Mul(alpha) after the score MatMul")
         casts_down = [k for k, n in enumerate(after) if n.op_type == "Cast" and _attr(n, "to") in LOW_PRECISION]
         if low:
@@ -321,9 +329,8 @@ def _attention_sites(g: _Graph, low: bool) -> Iterable[Site]:
                 problems.append(f"{len(casts_down)} casts to fp16 between MatMul and Softmax, expected 1")
             elif scale_index is not None and scale_index > casts_down[0]:
                 problems.append("alpha applied after the cast to fp16 (two roundings)")
-        detail = "; ".join(problems) or (
-            f"fp32 MatMul x alpha={alpha:.9g} then one cast" if low else f"MatMul x alpha={alpha:.9g}"
-        )
+        scale = "alpha=1 (unscaled)" if scale_index is None else f"alpha={alpha:.9g}"
+        detail = "; ".join(problems) or (f"fp32 MatMul x {scale} then one cast" if low else f"MatMul x {scale}")
         yield Site("attention_score", i, matmul.name or matmul.output[0], not problems, detail, module_scope(matmul))
 
 
@@ -359,5 +366,6 @@ def check_precision_plan(
     low = compute in LOW_PRECISION
     check_gelu = expected is None or expected.gelu is not None
     gelu_sites = list(_gelu_sites(g, low)) if check_gelu else []
-    sites = [*_layernorm_sites(g, low), *gelu_sites, *_attention_sites(g, low), *_graph_wide_sites(g)]
+    scale_required = expected is None or expected.scaled_scores
+    sites = [*_layernorm_sites(g, low), *gelu_sites, *_attention_sites(g, low, scale_required), *_graph_wide_sites(g)]
     return ContractReport(path=path, compute_dtype=_name(compute), sites=sites, expected=expected)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from rich.markup import escape
 from rich.table import Table
 
 from .precision_plan import ContractReport
@@ -17,7 +18,7 @@ def contract_table(report: ContractReport, only_broken: bool = False) -> Table:
     rows = report.violations if only_broken else report.sites + [v for v in report.violations if v.index < 0]
     for site in rows:
         mark = "[green]yes[/]" if site.intact else "[red]NO[/]"
-        table.add_row(site.kind, str(site.index), site.scope or site.node, mark, site.detail)
+        table.add_row(site.kind, str(site.index), escape(site.scope or site.node), mark, escape(site.detail))
     return table
 
 
@@ -41,5 +42,5 @@ def verification_table(report: VerifyReport) -> Table:
             str(m.count),
         )
     for failure in report.failures:
-        table.caption = (table.caption + "\n" if table.caption else "") + f"[red]{failure}[/]"
+        table.caption = (table.caption + "\n" if table.caption else "") + f"[red]{escape(failure)}[/]"
     return table

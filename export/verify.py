@@ -35,6 +35,7 @@ __all__ = [
     "export_tolerance_failures",
 ]
 
+VERIFY_PROMPT = 48  # tokens per row of the post-export check (fewer when the context is shorter)
 FP32_MAX_ABS = 1e-4
 FP16_TOP1 = 0.99
 FP16_RELATIVE_MAX_ABS = 0.02
@@ -219,8 +220,12 @@ def verify_export(
     decode_steps: int = 4,
     seed: int = 0,
 ) -> VerifyReport:
-    """The post-export check: ``run_graph`` vs the eager ``model`` (same dtype) on the standard inputs."""
-    input_ids, attention_mask = validation_inputs(model.config.vocab_size, seed=seed)
+    """The post-export check: ``run_graph`` vs the eager ``model`` (same dtype) on the standard inputs, shortened
+    to fit the model's context (``n_positions``) when it is below 48 prompt tokens + the decode steps."""
+    context = model.config.n_positions
+    decode_steps = min(decode_steps, max(0, context - 2))
+    prompt = min(VERIFY_PROMPT, context - decode_steps)
+    input_ids, attention_mask = validation_inputs(model.config.vocab_size, prompt=prompt, seed=seed)
     metrics = compare_decoder(model, run_graph, input_ids, attention_mask, graph_dtype=dtype,
                               decode_steps=decode_steps)
     report = VerifyReport(dtype=dtype, provider=provider, reference_device=str(model.device), outputs=metrics)

@@ -14,6 +14,7 @@ from transformers import (
 
 from .checkpoint import CheckpointError, load_config
 from .configuration_gptmeg import MEGATRON_GELU, GPTMegConfig
+from .loading import IncompleteCheckpointError, LoadReport, load_pretrained
 from .modeling_gptmeg import (
     GPTMegDoubleHeadsModel,
     GPTMegDoubleHeadsModelOutput,
@@ -30,6 +31,8 @@ __version__ = "0.1.0"
 __all__ = [
     "MEGATRON_GELU",
     "CheckpointError",
+    "IncompleteCheckpointError",
+    "LoadReport",
     "GPTMegConfig",
     "GPTMegTokenizer",
     "GPTMegTokenizerFast",
@@ -41,6 +44,7 @@ __all__ = [
     "GPTMegForSequenceClassification",
     "GPTMegForTokenClassification",
     "load_config",
+    "load_pretrained",
 ]
 
 

@@ -46,4 +46,7 @@ def load_config(path: str | os.PathLike) -> GPTMegConfig:
         )
     config_dict = {k: v for k, v in config_dict.items() if k not in ("model_type", "architectures", "transformers_version")}
     config_dict.setdefault("activation_function", "gelu_new" if model_type == "gpt2" else GPTMegConfig.activation_function)
-    return GPTMegConfig.from_dict(config_dict)
+    try:
+        return GPTMegConfig.from_dict(config_dict)
+    except (ValueError, TypeError) as error:  # the config's own checks (n_embd % n_head, activation, ...)
+        raise CheckpointError(f"{config_file} is not a valid GPTMeg/GPT-2 config: {error}") from None

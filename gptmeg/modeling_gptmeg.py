@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
@@ -164,7 +165,15 @@ class GPTMegPreTrainedModel(PreTrainedModel):
             from .checkpoint import load_config  # local import: checkpoint imports this module's config
 
             kwargs["config"] = load_config(pretrained_model_name_or_path)
-        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except SafetensorError as error:  # a truncated or corrupt model.safetensors: say which file, not the parser
+            from .checkpoint import CheckpointError
+
+            raise CheckpointError(
+                f"the weights in {pretrained_model_name_or_path} cannot be read ({error}): the safetensors file is "
+                "truncated or corrupt. Save the checkpoint again."
+            ) from error
 
 
 class GPTMegModel(GPTMegPreTrainedModel):

@@ -138,6 +138,7 @@ def test_existing_output_needs_force(tmp_path, capsys):
 def test_failure_midway_leaves_existing_folder_intact(tmp_path, monkeypatch):
     out = tmp_path / "existing"
     out.mkdir()
+    (out / "manifest.json").write_text(json.dumps({"format": "gptmeg-export/1"}))  # a previous export: replaceable
     (out / "keep.txt").write_text("mine")
 
     def explode(model, folder, opset, external_data=None):

@@ -16,9 +16,11 @@ from rich.table import Table
 
 from engines import ArtifactError, EngineError, make_runtime, open_export
 from export.report import contract_table
+from export.terminal import interrupt_exit_code, print_error, print_plain, termination_as_interrupt
 
 from .graph_contract import GraphFileError, check_graph_file
 from .reference import REFERENCES, ValidateError, default_reference, load_reference
+from .report import ReportFolderError, check_report_folder
 
 __all__ = ["main"]
 
@@ -72,9 +74,18 @@ def _read_prompts(path: str | None) -> list[str]:
     if path is None:
         return list(DEFAULT_PROMPTS)
     file = Path(path)
+    if file.is_dir():
+        raise ValidateError(f"--prompts {path} is a folder; pass a text file with one prompt per line.")
     if not file.is_file():
         raise ValidateError(f"--prompts {path}: no such file.")
-    prompts = [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValidateError(f"--prompts {path} is not UTF-8 text (byte {error.object[error.start]:#04x} at offset "
+                            f"{error.start}); save it as UTF-8.") from None
+    except OSError as error:
+        raise ValidateError(f"--prompts {path} cannot be read ({error.strerror}).") from None
+    prompts = [line for line in text.splitlines() if line.strip()]
     if not prompts:
         raise ValidateError(f"--prompts {path} has no non-empty line.")
     return prompts
@@ -105,11 +116,22 @@ def _validate(args, console: Console) -> int:
     graph_dtype = manifest["dtype"]
     reference_name = args.reference or default_reference(graph_dtype)
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    if not backends:
+        raise ValidateError(f"--backends {args.backends!r} names no backend; pass e.g. --backends onnxruntime.")
     if args.batch < 1 or args.decode_steps < 0 or args.new_tokens < 1:
         raise ValidateError("--batch and --new-tokens must be >= 1 and --decode-steps >= 0.")
+    context = artifact.spec.max_sequence
+    max_prompt = context - args.decode_steps - args.new_tokens - 1
+    if max_prompt < 2:
+        raise ValidateError(
+            f"--decode-steps {args.decode_steps} + --new-tokens {args.new_tokens} leave no room for a prompt in the "
+            f"model's context of {context} tokens; keep their sum at most {context - 3}."
+        )
     if args.ablation and graph_dtype != "fp16":
         raise ValidateError("--ablation compares fp16 islands: validate an fp16 export (--dtype fp16).")
     prompts = _read_prompts(args.prompts)
+    folder = Path(args.report) if args.report else Path("reports") / artifact.folder.name
+    check_report_folder(folder)  # before the run, not after it
     status = console.status("checking the graph contract")
     status.start()
     try:
@@ -122,7 +144,6 @@ def _validate(args, console: Console) -> int:
         except ArtifactError:
             tokenizer = None
         spec = artifact.spec
-        max_prompt = spec.max_sequence - args.decode_steps - args.new_tokens - 1
         cases = build_cases(tokenizer, prompts, args.batch, spec.vocab_size, spec.pad_token_id, max_prompt)
         report = ParityReport(str(artifact.folder), graph_dtype, reference_name, contract)
         for runtime in runtimes:
@@ -137,7 +158,6 @@ def _validate(args, console: Console) -> int:
             export_copy = load_reference(manifest, "cpu-fp16", args.model)
             report.ablation = run_ablation(export_copy, reference, manifest, cases[0],
                                            decode_steps=args.decode_steps, progress=status.update)
-        folder = Path(args.report) if args.report else Path("reports") / artifact.folder.name
         written = write_report(report, folder)
     finally:
         status.stop()
@@ -174,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             report = check_graph_file(args.file)
         except GraphFileError as error:
-            console.print(f"[red]error:[/] {escape(str(error))}", highlight=False)
+            print_error(console, str(error))
             return 2
         if args.json:
             import json
@@ -186,10 +206,14 @@ def main(argv: list[str] | None = None) -> int:
 
     args = _parity_parser().parse_args(argv)
     try:
-        return _validate(args, console)
-    except (ArtifactError, EngineError, ValidateError) as error:
-        console.print(f"[red]error:[/] {escape(str(error))}", highlight=False)
+        with termination_as_interrupt():
+            return _validate(args, console)
+    except (ArtifactError, EngineError, ValidateError, ReportFolderError) as error:
+        print_error(console, str(error))
         return 2
-    except KeyboardInterrupt:
-        console.print("interrupted.")
-        return 130
+    except OSError as error:  # writing the report: disk full, permissions changed during the run
+        print_error(console, f"could not write the report: {error.strerror or error} ({error.filename}).")
+        return 2
+    except KeyboardInterrupt as error:
+        print_plain(console, "interrupted; no report was written.")
+        return interrupt_exit_code(error)

@@ -32,12 +32,19 @@ def check_graph_file(path: str | Path) -> ContractReport:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as error:  # noqa: BLE001 - onnx raises several types for a bad file
         raise GraphFileError(f"{path} is not a readable ONNX model ({error}).") from None
+    if not model.graph.node:  # an empty or non-ONNX file parses as an empty ModelProto
+        raise GraphFileError(f"{path} holds no ONNX graph (empty or not an ONNX file).")
     expected = None
     manifest = path.parent / MANIFEST_NAME
     if manifest.is_file():
-        config = json.loads(manifest.read_text()).get("config", {})
-        if "n_layer" in config:
-            expected = expected_sites(config["n_layer"], config.get("activation_function", "gelu_fast"))
+        try:
+            config = json.loads(manifest.read_text(encoding="utf-8")).get("config", {})
+        except (OSError, ValueError, AttributeError) as error:
+            raise GraphFileError(f"{manifest} beside the graph is damaged ({type(error).__name__}: {error}); fix or "
+                                 "remove it, or pass the .onnx file from another folder.") from None
+        if isinstance(config, dict) and isinstance(config.get("n_layer"), int):
+            expected = expected_sites(config["n_layer"], config.get("activation_function", "gelu_fast"),
+                                      scale_attn_weights=config.get("scale_attn_weights", True))
     report = check_precision_plan(model, expected)
     report.path = str(path)
     return report

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from gptmeg import GPTMegLMHeadModel
+from gptmeg import CheckpointError, GPTMegLMHeadModel, load_pretrained
 from gptmeg.tiny import TINY_NAME, tiny_model
 
 __all__ = ["REFERENCES", "ValidateError", "default_reference", "load_reference"]
@@ -35,8 +35,8 @@ def load_reference(manifest: dict, reference: str, model_dir: str | None = None)
         model = tiny_model()
     else:
         try:
-            model = GPTMegLMHeadModel.from_pretrained(source, dtype=torch.float32)
-        except (OSError, ValueError) as error:
+            model, _ = load_pretrained(source, dtype=torch.float32)
+        except CheckpointError as error:
             raise ValidateError(
                 f"cannot load the eager reference from {source!r} ({error}). Pass the checkpoint with --model DIR."
             ) from None

@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .parity import ParityReport
+from export.staging import deferred_signals
 
-__all__ = ["write_report", "markdown"]
+if TYPE_CHECKING:  # the parity harness imports torch; `validate graph` needs none of it
+    from .parity import ParityReport
+
+__all__ = ["REPORT_FILES", "ReportFolderError", "check_report_folder", "write_report", "markdown"]
 
 
 def _fmt(x, spec=".3g") -> str:
@@ -129,11 +134,49 @@ def _plot(report: ParityReport, path: Path) -> bool:
     return True
 
 
+REPORT_FILES = ("report.json", "report.md", "error_by_layer.png")
+
+
+def check_report_folder(folder: Path) -> None:
+    """Raise OSError-derived ReportFolderError before any work when ``folder`` cannot receive a report."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ReportFolderError(f"--report {folder} exists and is not a folder; choose another --report.")
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ReportFolderError(f"cannot write the report to {folder}: {existing} is not a writable folder. Choose "
+                                "another --report.")
+
+
+class ReportFolderError(ValueError):
+    pass
+
+
 def write_report(report: ParityReport, folder: Path) -> list[Path]:
+    """Write the report files together: each is rendered to a temporary name first and the set is renamed into
+    place at the end (an older report's plot that this run does not redraw is removed), so an interrupted run
+    leaves the previous report, not half of a new one."""
+    folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    written = [folder / "report.json", folder / "report.md"]
-    written[0].write_text(json.dumps(report.to_dict(), indent=2, allow_nan=True) + "\n")
-    written[1].write_text(markdown(report))
-    if _plot(report, folder / "error_by_layer.png"):
-        written.append(folder / "error_by_layer.png")
-    return written
+    suffix = f".tmp-{os.getpid()}"
+    staged: dict[str, Path] = {}
+    try:
+        staged["report.json"] = folder / ("report.json" + suffix)
+        staged["report.json"].write_text(json.dumps(report.to_dict(), indent=2, allow_nan=True) + "\n")
+        staged["report.md"] = folder / ("report.md" + suffix)
+        staged["report.md"].write_text(markdown(report))
+        plot = folder / ("error_by_layer" + suffix + ".png")
+        if _plot(report, plot):
+            staged["error_by_layer.png"] = plot
+        with deferred_signals():
+            for name in REPORT_FILES:
+                if name in staged:
+                    os.replace(staged.pop(name), folder / name)
+                else:
+                    (folder / name).unlink(missing_ok=True)
+    finally:
+        for leftover in staged.values():
+            leftover.unlink(missing_ok=True)
+    return [folder / name for name in REPORT_FILES if (folder / name).exists()]

@@ -8,7 +8,7 @@ from .cache import GpuInfo
 __all__ = ["TensorRTUnavailable", "load_tensorrt", "current_gpu", "INSTALL_HINT"]
 
 INSTALL_HINT = "pip install --extra-index-url https://pypi.nvidia.com '.[tensorrt]'"
-FALLBACK = "onnxruntime is the fallback: use --backend onnxruntime"
+FALLBACK = "onnxruntime is the fallback (engines: --backend onnxruntime; validate: --backends onnxruntime)"
 
 
 class TensorRTUnavailable(EngineError):
