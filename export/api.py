@@ -17,7 +17,8 @@ from gptmeg.tiny import TINY_NAME, tiny_model, tiny_tokenizer
 
 from .manifest import graph_io, is_export_folder, package_versions, write_manifest
 from .ort_session import SessionError, create_session
-from .onnx_export import DEFAULT_OPSET, MODEL_FILE, ExportError, check_opset, export_decoder, graph_opset
+from .onnx_export import DEFAULT_OPSET, MODEL_FILE, ExportError, export_decoder
+from .opsets import OpsetError, check_opset, graph_opset
 from .tied_weights import count_large_initializers
 from .precision_plan import ContractReport, check_precision_plan, expected_sites
 from .staging import staged_directory
@@ -162,7 +163,10 @@ def export_model(
         raise ExportError(f"unknown device {device!r}: choose cpu or cuda.")
     if device == "cuda" and not torch.cuda.is_available():
         raise ExportError("--device cuda asked for, but torch sees no CUDA device. Use --device cpu.")
-    check_opset(opset)
+    try:
+        check_opset(opset)
+    except OpsetError as error:
+        raise ExportError(str(error)) from None
     stage = step or (lambda _description: nullcontext())
     out = Path(out) if out is not None else default_output_dir(model_dir, dtype)
     protected = [Path(model_dir)] if model_dir is not None else []

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import argparse
 
+from pathlib import Path
+
 from rich.console import Console
 from rich.text import Text
 
-from gptmeg import CheckpointError
-
-from .api import DTYPES, ContractBroken, ExportError, ValidationFailed, default_output_dir, export_model
-from .onnx_export import DEFAULT_OPSET, MIN_OPSET, max_opset
+from .manifest import is_export_folder
+from .opsets import DEFAULT_OPSET, MIN_OPSET, check_opset, max_opset
 from .report import contract_table, verification_table
-from .staging import OutputExistsError, OutputNotWritableError
+from .staging import OutputExistsError, OutputNotWritableError, check_writable
 from .terminal import interrupt_exit_code, print_error, print_plain, termination_as_interrupt
+
+DTYPE_CHOICES = ("fp16", "fp32")
 
 __all__ = ["main", "build_parser"]
 
@@ -29,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--model", metavar="DIR", help="GPTMeg or GPT-2 checkpoint folder (default: built-in tiny model)")
     parser.add_argument("--out", metavar="DIR", help="output folder (default: exports/<model name>-<dtype>)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp16", help="precision of the graph (default fp16)")
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="fp16", help="precision of the graph (default fp16)")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET,
                         help=f"ONNX opset, {MIN_OPSET}..{max_opset()} here (default {DEFAULT_OPSET})")
     parser.add_argument("--force", action="store_true",
@@ -47,10 +49,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _preflight(args) -> None:
+    """The checks that need no torch, so that a wrong flag or a refused --out is answered at once (the export
+    repeats them where it matters, right before writing)."""
+    check_opset(args.opset)
+    if args.model is not None and not Path(args.model).is_dir():
+        raise ValueError(f"{args.model!r} is not a directory. Pass a local GPTMeg or GPT-2 checkpoint folder.")
+    if args.out is not None:
+        protected = [Path(args.model)] if args.model is not None else []
+        check_writable(Path(args.out), args.force, marker=is_export_folder, protected=protected)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     console = Console(stderr=True, quiet=args.quiet, soft_wrap=True)
     errors = Console(stderr=True, soft_wrap=True)
+    try:
+        _preflight(args)
+    except (ValueError, OutputExistsError, OutputNotWritableError) as error:  # OpsetError is a ValueError
+        print_error(errors, str(error))
+        return 2
+
+    from gptmeg import CheckpointError  # torch and transformers load here, after the instant checks
+
+    from .api import ContractBroken, ExportError, ValidationFailed, default_output_dir, export_model
+
     out = args.out or default_output_dir(args.model, args.dtype)
 
     def step(description: str):

@@ -16,12 +16,11 @@ from gptmeg import GPTMegLMHeadModel
 
 from .decoder import DecoderWithPast
 from .io_names import input_names, output_names
+from .opsets import DEFAULT_OPSET, MIN_OPSET, OpsetError, check_opset, graph_opset
 from .tied_weights import count_large_initializers, refold_tied_transpose
 
-__all__ = ["MIN_OPSET", "DEFAULT_OPSET", "ExportError", "check_opset", "export_decoder", "graph_opset", "max_opset"]
+__all__ = ["MIN_OPSET", "DEFAULT_OPSET", "MODEL_FILE", "ExportError", "export_decoder"]
 
-MIN_OPSET = 17  # LayerNormalization
-DEFAULT_OPSET = 18
 MODEL_FILE = "model.onnx"
 
 
@@ -66,26 +65,6 @@ def _quiet_exporter():
             lg.setLevel(level)
 
 
-def max_opset() -> int:
-    """The newest default-domain opset the installed onnx package defines (the exporter cannot write a newer one)."""
-    return onnx.defs.onnx_opset_version()
-
-
-def check_opset(opset: int) -> None:
-    """An ExportError unless ``opset`` is one the fp32 islands allow and the installed exporter can write."""
-    if opset < MIN_OPSET:
-        raise ExportError(f"--opset {opset} is too old: the fp32 LayerNorm island needs LayerNormalization (opset "
-                          f">= {MIN_OPSET}).")
-    if opset > max_opset():
-        raise ExportError(f"--opset {opset} is newer than onnx {onnx.__version__} knows (at most {max_opset()}). "
-                          f"Choose {MIN_OPSET}..{max_opset()}, or upgrade onnx.")
-
-
-def graph_opset(model: onnx.ModelProto) -> int | None:
-    """The default-domain (ai.onnx) opset a graph declares."""
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
-
-
 def export_decoder(
     model: GPTMegLMHeadModel, folder: Path, opset: int = DEFAULT_OPSET, external_data: bool | None = None
 ) -> Path:
@@ -94,7 +73,10 @@ def export_decoder(
     Weights go to ``model.onnx.data`` (ONNX external data) when ``external_data`` is True, and automatically when
     the model is over ONNX's 2 GB protobuf limit (``None``).
     """
-    check_opset(opset)
+    try:
+        check_opset(opset)
+    except OpsetError as error:
+        raise ExportError(str(error)) from None
     n_layer = model.config.n_layer
     wrapper = DecoderWithPast(model.eval()).eval()
     path = folder / MODEL_FILE
@@ -115,6 +97,12 @@ def export_decoder(
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise ExportError(f"torch.onnx.export failed: {first}") from error
         program.save(str(path), external_data=external_data)
+    try:
+        onnx.checker.check_model(str(path))  # by path: works above 2 GB too
+    except onnx.checker.ValidationError as error:
+        first = str(error).strip().splitlines()[0]
+        raise ExportError(f"the exporter wrote an invalid ONNX graph at opset {opset} ({first}); try another "
+                          "--opset.") from None
     written = graph_opset(onnx.load(str(path), load_external_data=False))
     if written != opset:
         raise ExportError(f"asked for opset {opset}, but the exporter wrote opset {written}; choose --opset {written} "

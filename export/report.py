@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from rich.markup import escape
 from rich.table import Table
 
-from .precision_plan import ContractReport
-from .verify import VerifyReport
+if TYPE_CHECKING:  # verify imports torch; `validate graph` and the runtimes render contracts without it
+    from .precision_plan import ContractReport
+    from .verify import VerifyReport
 
 __all__ = ["contract_table", "verification_table"]
 

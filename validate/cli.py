@@ -107,14 +107,10 @@ def _summary_table(report) -> Table:
 
 
 def _validate(args, console: Console) -> int:
-    from .ablation import run_ablation
-    from .parity import ParityReport, build_cases, run_parity
-    from .report import write_report
-
+    # every input is checked before torch and the model are loaded: a typo is answered at once
     artifact = open_export(args.export_dir)
     manifest = artifact.manifest
     graph_dtype = manifest["dtype"]
-    reference_name = args.reference or default_reference(graph_dtype)
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     if not backends:
         raise ValidateError(f"--backends {args.backends!r} names no backend; pass e.g. --backends onnxruntime.")
@@ -132,6 +128,12 @@ def _validate(args, console: Console) -> int:
     prompts = _read_prompts(args.prompts)
     folder = Path(args.report) if args.report else Path("reports") / artifact.folder.name
     check_report_folder(folder)  # before the run, not after it
+    reference_name = args.reference or default_reference(graph_dtype)
+
+    from .ablation import run_ablation
+    from .parity import ParityReport, build_cases, run_parity
+    from .report import write_report
+
     status = console.status("checking the graph contract")
     status.start()
     try:

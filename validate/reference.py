@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
-from gptmeg import CheckpointError, GPTMegLMHeadModel, load_pretrained
-from gptmeg.tiny import TINY_NAME, tiny_model
+if TYPE_CHECKING:
+    from gptmeg import GPTMegLMHeadModel
 
 __all__ = ["REFERENCES", "ValidateError", "default_reference", "load_reference"]
 
@@ -18,6 +18,8 @@ class ValidateError(ValueError):
 
 def default_reference(graph_dtype: str) -> str:
     """The export's own precision; for fp16, CUDA when a GPU exists (the numerics Megatron defines), else CPU."""
+    import torch
+
     if graph_dtype == "fp32":
         return "cpu-fp32"
     return "cuda-fp16" if torch.cuda.is_available() else "cpu-fp16"
@@ -25,6 +27,11 @@ def default_reference(graph_dtype: str) -> str:
 
 def load_reference(manifest: dict, reference: str, model_dir: str | None = None) -> GPTMegLMHeadModel:
     """The eager model the export came from (``manifest["source"]``, or ``model_dir``), placed for ``reference``."""
+    import torch  # here, not at the top: `python -m validate graph` and argument errors need no torch
+
+    from gptmeg import CheckpointError, load_pretrained
+    from gptmeg.tiny import TINY_NAME, tiny_model
+
     if reference not in REFERENCES:
         raise ValidateError(f"unknown reference {reference!r}: choose one of {', '.join(REFERENCES)}.")
     device, precision = reference.split("-")
