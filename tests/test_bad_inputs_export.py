@@ -278,3 +278,20 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, capsy
     err = capsys.readouterr().err
     assert "No space left on device" in err and "Traceback" not in err
     assert [p.name for p in existing.iterdir()] == ["manifest.json"] and siblings(existing) == []
+
+
+# --- the Python API ---------------------------------------------------------------------------------------------
+
+
+def test_python_api_raises_checkpoint_errors(ckpts):
+    from gptmeg import CheckpointError, GPTMegLMHeadModel, IncompleteCheckpointError, load_pretrained
+
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        GPTMegLMHeadModel.from_pretrained(ckpts["truncated"])
+    with pytest.raises(IncompleteCheckpointError) as caught:
+        load_pretrained(ckpts["missing"])
+    assert len(caught.value.report.missing) == 12 and caught.value.report.unexpected == []
+    model, report = load_pretrained(ckpts["missing"], allow_incomplete=True)
+    assert not report.complete and model.config.n_layer == 2
+    _, report = load_pretrained(ckpts["gpt2"])
+    assert report.complete

@@ -69,9 +69,9 @@ def _parity_parser() -> argparse.ArgumentParser:
 
 
 def _read_prompts(path: str | None) -> list[str]:
-    from .parity import DEFAULT_PROMPTS
-
     if path is None:
+        from .parity import DEFAULT_PROMPTS
+
         return list(DEFAULT_PROMPTS)
     file = Path(path)
     if file.is_dir():
@@ -125,9 +125,9 @@ def _validate(args, console: Console) -> int:
         )
     if args.ablation and graph_dtype != "fp16":
         raise ValidateError("--ablation compares fp16 islands: validate an fp16 export (--dtype fp16).")
-    prompts = _read_prompts(args.prompts)
     folder = Path(args.report) if args.report else Path("reports") / artifact.folder.name
     check_report_folder(folder)  # before the run, not after it
+    prompts = _read_prompts(args.prompts)
     reference_name = args.reference or default_reference(graph_dtype)
 
     from .ablation import run_ablation
