@@ -183,3 +183,39 @@ def test_dtype_typo_is_rejected_by_the_parser(tmp_path, capsys):
     assert exit_info.value.code == 2
     assert "invalid choice: 'fp61'" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("vocab,dtype", [(100, "fp32"), (128, "fp16"), (129, "fp16"), (400, "fp16")])
+def test_tied_embeddings_are_stored_once_at_every_size(tmp_path, vocab, dtype):
+    """vocab x n_embd <= 8192 (100 x 64, 128 x 64) is where the optimizer folded Transpose(wte) into a second copy;
+    129 x 64 and 400 x 64 are above that limit. Every size: one initializer, read by the Gather and, through one
+    Transpose, by the lm_head; onnxruntime's logits equal eager's."""
+    from export.onnx_export import export_decoder
+    from gptmeg import GPTMegLMHeadModel
+    from tests.conftest import copy_into
+
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(gpt2_config(vocab_size=vocab, n_embd=64, n_head=4, n_layer=1)).eval()
+    model = copy_into(GPTMegLMHeadModel, gpt2).to(torch.float16 if dtype == "fp16" else torch.float32)
+    kv_dtype = np.float16 if dtype == "fp16" else np.float32
+    path = export_decoder(model, tmp_path, 18)
+    graph = onnx.load(str(path))
+    tied = [i.name for i in graph.graph.initializer if tuple(i.dims) in {(vocab, 64), (64, vocab)}]
+    assert len(tied) == 1, tied
+    producers = {o: n for n in graph.graph.node for o in n.output}
+    readers = [n for n in graph.graph.node if tied[0] in n.input]
+    assert sorted(n.op_type for n in readers) == ["Gather", "Transpose"]
+    transpose = next(n for n in readers if n.op_type == "Transpose")
+    node = producers[graph.graph.output[0].name]
+    while node.op_type != "MatMul":
+        node = producers[node.input[0]]
+    assert node.input[1] == transpose.output[0]
+    run = onnxruntime_runner(path)
+    ids = torch.tensor([[3, 1, 4, 1, 5]])
+    outputs = run({"input_ids": ids.numpy(), "attention_mask": np.ones((1, 5), np.int64),
+                   "position_ids": np.arange(5)[None],
+                   **{f"past_key_values.0.{kv}": np.zeros((1, 4, 0, 16), kv_dtype) for kv in ("key", "value")}})
+    with torch.no_grad():
+        eager = model(ids).logits.float().numpy()
+    tolerance = 1e-5 if dtype == "fp32" else 2e-2 * np.abs(eager).max()
+    assert np.abs(outputs["logits"].astype(np.float32) - eager).max() <= tolerance
