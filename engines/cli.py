@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from export.terminal import interrupt_exit_code, print_error, print_plain, termination_as_interrupt
+from safeio.terminal import interrupt_exit_code, print_error, print_plain, termination_as_interrupt
 
 from .artifacts import load_tokenizer, open_export
 from .backends import ALIASES, BACKENDS, make_runtime

@@ -21,7 +21,7 @@ from .onnx_export import DEFAULT_OPSET, MODEL_FILE, ExportError, export_decoder
 from .opsets import OpsetError, check_opset, graph_opset
 from .tied_weights import count_large_initializers
 from .precision_plan import ContractReport, check_precision_plan, expected_sites
-from .staging import staged_directory
+from safeio.staging import staged_directory
 from .verify import VerifyReport, verify_export
 
 __all__ = ["DTYPES", "ExportResult", "ExportError", "ContractBroken", "ValidationFailed", "LoadedModel", "export_model",

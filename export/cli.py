@@ -12,8 +12,8 @@ from rich.text import Text
 from .manifest import is_export_folder
 from .opsets import DEFAULT_OPSET, MIN_OPSET, check_opset, max_opset
 from .report import contract_table, verification_table
-from .staging import OutputExistsError, OutputNotWritableError, check_writable
-from .terminal import interrupt_exit_code, print_error, print_plain, termination_as_interrupt
+from safeio.staging import OutputExistsError, OutputNotWritableError, check_writable
+from safeio.terminal import interrupt_exit_code, print_error, print_plain, termination_as_interrupt
 
 DTYPE_CHOICES = ("fp16", "fp32")
 

@@ -11,9 +11,9 @@ import stat
 
 import pytest
 
-from export import staging
+from safeio import staging
 from export.manifest import is_export_folder
-from export.staging import (
+from safeio.staging import (
     OutputExistsError,
     OutputNotWritableError,
     OutputProtectedError,
@@ -21,7 +21,7 @@ from export.staging import (
     staged_directory,
     sweep_stale,
 )
-from export.terminal import Terminated, termination_as_interrupt
+from safeio.terminal import Terminated, termination_as_interrupt
 
 
 def _export_folder(path, tag="old"):

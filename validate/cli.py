@@ -16,7 +16,7 @@ from rich.table import Table
 
 from engines import ArtifactError, EngineError, make_runtime, open_export
 from export.report import contract_table
-from export.terminal import interrupt_exit_code, print_error, print_plain, termination_as_interrupt
+from safeio.terminal import interrupt_exit_code, print_error, print_plain, termination_as_interrupt
 
 from .graph_contract import GraphFileError, check_graph_file
 from .reference import REFERENCES, ValidateError, default_reference, load_reference

@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from export.staging import deferred_signals
+from safeio.staging import deferred_signals
 
 if TYPE_CHECKING:  # the parity harness imports torch; `validate graph` needs none of it
     from .parity import ParityReport
