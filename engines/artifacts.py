@@ -33,6 +33,7 @@ class DecoderSpec:
     kv_dtype: str  # "float16" | "float32"
     eos_token_id: int | None
     pad_token_id: int
+    emit_vocab_size: int | None = None  # ids >= this are never generated (a Megatron vocabulary's padding rows)
 
     @property
     def numpy_kv_dtype(self):
@@ -83,6 +84,7 @@ class ExportArtifact:
             kv_dtype=kv_input["dtype"],
             eos_token_id=eos,
             pad_token_id=pad if pad is not None else (eos if eos is not None else 0),
+            emit_vocab_size=_emit_vocab_size(config),
         )
 
     @cached_property
@@ -97,6 +99,13 @@ class ExportArtifact:
 
 
 TOKENIZER_FILE = "tokenizer.json"
+
+
+def _emit_vocab_size(config: dict) -> int | None:
+    """A converted Megatron model keeps the rows Megatron padded its vocabulary with (so logits are as wide as
+    Megatron's) and records the real size: generation must never pick a padding row."""
+    original = (config.get("megatron") or {}).get("original_vocab_size")
+    return original if isinstance(original, int) and 0 < original < config["vocab_size"] else None
 
 
 def load_tokenizer(folder: str | Path, vocab_size: int):

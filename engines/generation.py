@@ -123,7 +123,11 @@ def generate(
     decode_steps = 0
     decode_started = time.perf_counter()
     for produced in range(budget):
-        tokens = select_next_tokens(out.logits, seen, settings.sampling, rng)
+        logits = out.logits
+        if spec.emit_vocab_size is not None:  # padding rows of a Megatron vocabulary are never a token
+            logits = logits.copy()
+            logits[:, spec.emit_vocab_size:] = -np.inf
+        tokens = select_next_tokens(logits, seen, settings.sampling, rng)
         tokens = np.where(active, tokens, spec.pad_token_id)
         was_active = active.copy()
         for row in np.flatnonzero(active):

@@ -46,6 +46,7 @@ class LoadReport:
     missing: list[str] = field(default_factory=list)  # in the model, not in the file: randomly initialised
     unexpected: list[str] = field(default_factory=list)  # in the file, not in the model: ignored
     mismatched: list[str] = field(default_factory=list)  # both, different shapes: randomly initialised
+    conversion: dict | None = None  # a Megatron checkpoint converted on the fly: its conversion.json record
 
     @property
     def complete(self) -> bool:
@@ -63,7 +64,7 @@ class LoadReport:
 
     def to_dict(self) -> dict:
         return {"complete": self.complete, "missing": self.missing, "unexpected": self.unexpected,
-                "mismatched": self.mismatched}
+                "mismatched": self.mismatched, "megatron_conversion": self.conversion}
 
 
 @contextmanager
@@ -100,12 +101,21 @@ def load_pretrained(
     dtype: torch.dtype = torch.float32,
     allow_incomplete: bool = False,
 ) -> tuple[GPTMegPreTrainedModel, LoadReport]:
-    """(model in eval mode, what the load found) for a local GPTMeg or GPT-2 checkpoint folder.
+    """(model in eval mode, what the load found) for a local GPTMeg or GPT-2 checkpoint folder, or a Megatron-LM /
+    Megatron-DeepSpeed save folder (converted in memory, see :mod:`gptmeg.megatron`).
 
     Raises CheckpointError for a folder that is not a usable checkpoint (with the reason), and
     IncompleteCheckpointError when tensors are missing, unexpected or wrongly shaped and ``allow_incomplete`` is
     False.
     """
+    from .megatron import is_megatron_checkpoint, load_megatron_model
+
+    if is_megatron_checkpoint(path):  # converted in memory: every tensor comes from the shards, or it is refused
+        if model_class is not GPTMegLMHeadModel:
+            raise CheckpointError(f"{path} is a Megatron checkpoint: convert it first (python -m gptmeg.convert) to "
+                                  f"load it as {model_class.__name__}.")
+        model, conversion = load_megatron_model(path, dtype=dtype)
+        return model, LoadReport(conversion=conversion.record)
     config = load_config(path)  # a clear CheckpointError for a missing folder, a bad config, a wrong model type
     try:
         with quiet_transformers():
