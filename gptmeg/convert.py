@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         with termination_as_interrupt(), console.status("converting") as status:
-            conversion = convert(src, iteration=args.iteration, tokenizer_dir=args.tokenizer,
+            conversion = convert(src, iteration=args.iteration, tokenizer_dir=args.tokenizer, lazy=True,
                                  trim_vocab=args.trim_vocab, qkv_layout=args.qkv_layout,
                                  tp_replicated=args.tp_replicated, progress=status.update)
             status.update(f"writing {out}")

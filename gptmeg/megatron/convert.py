@@ -6,8 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -16,6 +16,7 @@ from .errors import MegatronCheckpointError
 from .hparams import activation_of, model_shape, numerics_flags
 from .layouts import find_source, open_reader
 from .merge import QKV_LAYOUTS, Merger, qkv_layout_for_version
+from .stream_writer import SafetensorsStreamWriter
 
 __all__ = ["CONVERSION_FILE", "CONVERSION_FORMAT", "Conversion", "convert", "is_conversion_folder",
            "load_megatron_model", "save_conversion"]
@@ -27,13 +28,47 @@ _GPT2_BPE_SIZE, _GPT2_EOS = 50257, 50256
 _TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"))
 
 
-@dataclass
 class Conversion:
-    config: GPTMegConfig
-    state_dict: dict[str, torch.Tensor]  # GPTMeg names, lm_head omitted (tied to transformer.wte.weight)
-    record: dict  # what conversion.json holds
-    tokenizer: object | None = None
-    notes: list[str] = field(default_factory=list)  # what the user should know (numerics not reproduced, drift)
+    """A Megatron checkpoint read as GPTMeg: ``config`` and ``record`` at once, the tensors merged block by block as
+    :meth:`tensors` is iterated (or all together through :attr:`state_dict`). The record's drift entries and source
+    hashes are complete once the tensors have been produced."""
+
+    def __init__(self, config: GPTMegConfig, record: dict, tokenizer, produce):
+        self.config, self.record, self.tokenizer = config, record, tokenizer
+        self._produce = produce  # a generator function: yields (GPTMeg name, tensor), then completes the record
+        self._state: dict[str, torch.Tensor] | None = None
+        self._consumed = False
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every GPTMeg tensor (lm_head omitted: tied to transformer.wte.weight) once, in merge order."""
+        if self._state is not None:
+            yield from self._state.items()
+            return
+        if self._consumed:
+            raise RuntimeError("the tensors of this conversion were already produced; keep the state_dict instead")
+        self._consumed = True
+        yield from self._produce()
+
+    @property
+    def notes(self) -> list[str]:
+        """What the user should know: the checkpoint's own notes (drift, positions), then the Megatron numerics
+        GPTMeg does not reproduce."""
+        return self.record["notes"] + self.record["numerics_not_reproduced"]
+
+    @property
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        if self._state is None:
+            self._state = dict(self.tensors())
+        return self._state
+
+    def tensor_specs(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        """Name -> (dtype, shape) of every tensor :meth:`tensors` yields, known before any block is merged."""
+        from ..modeling_gptmeg import GPTMegLMHeadModel
+
+        with torch.device("meta"):
+            model = GPTMegLMHeadModel(self.config)
+        dtype = _DTYPES[self.record["dtype"]]
+        return {k: (dtype, tuple(v.shape)) for k, v in model.state_dict().items() if k != "lm_head.weight"}
 
 
 def _sha256(path: Path) -> str:
@@ -89,13 +124,16 @@ def convert(
     qkv_layout: str = "auto",
     tp_replicated: str = "first",
     progress=None,
+    lazy: bool = False,
 ) -> Conversion:
     """Read a Megatron-LM / Megatron-DeepSpeed checkpoint and build the GPTMeg config and state dict.
 
     ``qkv_layout`` overrides what ``checkpoint_version`` says about the QKV row order ("blocks" for checkpoints
     written by Megatron-DeepSpeed after its 2024-12 FPDT change, which kept version 3.0); ``tp_replicated`` picks
     rank 0's copy of replicated tensors ("first") or their mean ("average"); ``trim_vocab`` drops the rows Megatron
-    padded the vocabulary with. ``progress(text)`` is called as each stage starts.
+    padded the vocabulary with. ``progress(text)`` is called as each stage starts. With ``lazy`` the blocks are
+    merged only as :meth:`Conversion.tensors` is iterated (what the folder writer does, to hold one block at a
+    time); otherwise everything is merged before returning.
     """
     if qkv_layout not in QKV_LAYOUTS:
         raise MegatronCheckpointError(f"unknown --qkv-layout {qkv_layout!r}: choose one of {', '.join(QKV_LAYOUTS)}.")
@@ -113,24 +151,11 @@ def convert(
     dtype = _DTYPES[shape.dtype] if source.kind == "universal" else None
     merger = Merger(shape.num_heads, layout, tp_replicated, dtype=dtype)
 
-    state = merger.embedding(reader.embedding())
-    for index in range(shape.num_layers):
-        step(f"merging block {index + 1}/{shape.num_layers}")
-        state.update(merger.block(index, reader.layer(index)))
-    state.update(merger.final_norm(reader.final_norm()))
-
+    # the embedding and block 0 first: their shapes settle the config (v1.0 args lack the MLP width)
+    first = merger.embedding(reader.embedding())
+    first_block = merger.block(0, reader.layer(0))
     notes = []
-    head = reader.head()
-    if head is not None:
-        copy = torch.cat(head["word_embeddings.weight"], dim=0)
-        if copy.shape == state["transformer.wte.weight"].shape:
-            delta = float((copy.float() - state["transformer.wte.weight"].float()).abs().max())
-            if delta > 0:
-                merger.drift["word_embeddings_for_head"] = delta
-        else:
-            raise MegatronCheckpointError(f"the last stage's word_embeddings_for_head has shape {tuple(copy.shape)}, "
-                                          f"the embedding {tuple(state['transformer.wte.weight'].shape)}.")
-
+    state = first
     wte = state["transformer.wte.weight"]
     rows, width = wte.shape
     if width != shape.hidden_size:
@@ -139,7 +164,7 @@ def convert(
     if shape.max_positions and positions != shape.max_positions:
         notes.append(f"args say {shape.max_positions} positions but the embedding has {positions} rows; using "
                      f"{positions}.")
-    ffn = state["transformer.h.0.mlp.c_fc.weight"].shape[1]  # the tensors, not args (v1.0 args have no ffn size)
+    ffn = first_block["transformer.h.0.mlp.c_fc.weight"].shape[1]  # the tensors, not args (v1.0 lack it)
     if ffn != shape.ffn_hidden_size:
         notes.append(f"args imply an MLP width of {shape.ffn_hidden_size} but the tensors have {ffn}; using {ffn}.")
     tokenizer = _find_tokenizer(src, tokenizer_dir)
@@ -155,10 +180,6 @@ def convert(
         state["transformer.wte.weight"] = wte
     kept_rows = wte.shape[0]
     flags, numerics_notes = numerics_flags(args, reader.pipe_model, shape.tp)
-    if merger.drift:
-        worst = max(merger.drift, key=merger.drift.get)
-        notes.append(f"replicated tensors differ across TP ranks in {len(merger.drift)} place(s) (worst: {worst}, max "
-                     f"|delta| {merger.drift[worst]:.3g}); used {'rank 0' if tp_replicated == 'first' else 'the mean'}.")
 
     eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
     if eos is None and getattr(args, "tokenizer_type", None) == "GPT2BPETokenizer" and _GPT2_EOS < kept_rows:
@@ -189,7 +210,6 @@ def convert(
         dtype=shape.dtype,
         megatron=megatron,
     )
-    step("hashing the source files")
     record = {
         "format": CONVERSION_FORMAT,
         "source": str(src.resolve()),
@@ -206,16 +226,52 @@ def convert(
         "original_vocab_size": original,
         "original_vocab_size_from": original_from,
         "vocab_rows_kept": kept_rows,
-        "dtype": shape.dtype,
+        "dtype": str(wte.dtype).removeprefix("torch.") if dtype is None else shape.dtype,
         "activation_function": config.activation_function,
         "numerics": flags,
         "numerics_not_reproduced": numerics_notes,
         "replicated_drift": merger.drift,
         "notes": notes,
-        "files": {str(p.resolve().relative_to(src.resolve())) if p.resolve().is_relative_to(src.resolve())
-                  else str(p.resolve()): _sha256(p) for p in dict.fromkeys(reader.files)},
+        "files": {},
     }
-    return Conversion(config, state, record, tokenizer, notes + numerics_notes)
+
+    def produce() -> Iterator[tuple[str, torch.Tensor]]:
+        yield from state.items()
+        yield from first_block.items()
+        first_block.clear()
+        for index in range(1, shape.num_layers):
+            step(f"merging block {index + 1}/{shape.num_layers}")
+            yield from merger.block(index, reader.layer(index)).items()  # the reader lets go of the block's shards
+        yield from merger.final_norm(reader.final_norm()).items()
+        head = reader.head()
+        if head is not None:  # the last stage's tied copy: compared shard by shard, in row chunks (no full copy)
+            shards = head["word_embeddings.weight"]
+            if sum(s.shape[0] for s in shards) != rows or any(s.shape[1] != width for s in shards):
+                raise MegatronCheckpointError("the last stage's word_embeddings_for_head does not have the shape of "
+                                              "the word embedding.")
+            delta, start = 0.0, 0
+            for shard in shards:
+                for chunk in shard.split(4096):
+                    stop = min(start + chunk.shape[0], kept_rows)
+                    if stop > start:
+                        delta = max(delta, float((chunk[: stop - start].float() - wte[start:stop].float()).abs().max()))
+                    start += chunk.shape[0]
+            if delta > 0:
+                merger.drift["word_embeddings_for_head"] = delta
+        if merger.drift:
+            worst = max(merger.drift, key=merger.drift.get)
+            notes.append(f"replicated tensors differ across TP ranks in {len(merger.drift)} place(s) (worst: {worst}, "
+                         f"max |delta| {merger.drift[worst]:.3g}); used "
+                         f"{'rank 0' if tp_replicated == 'first' else 'the mean'}.")
+        step("hashing the source files")
+        root = src.resolve()
+        record["files"] = {str(p.resolve().relative_to(root)) if p.resolve().is_relative_to(root) else str(p.resolve()):
+                           _sha256(p) for p in dict.fromkeys(reader.files)}
+
+    conversion = Conversion(config, record, tokenizer, produce)
+    if not lazy:
+        conversion.state_dict  # noqa: B018 - merge everything now, so the record is complete on return
+    return conversion
 
 
 def _suppressed(config: GPTMegConfig) -> list[int]:
@@ -246,8 +302,6 @@ def save_conversion(conversion: Conversion, out: str | os.PathLike, *, force: bo
                     protected=()) -> Path:
     """Write a GPTMeg checkpoint folder atomically: model.safetensors, config.json, generation_config.json, the
     tokenizer when there is one, conversion.json. ``force`` replaces only an earlier conversion."""
-    from safetensors.torch import save_file
-
     from safeio.staging import staged_directory
 
     out = Path(out)
@@ -255,8 +309,9 @@ def save_conversion(conversion: Conversion, out: str | os.PathLike, *, force: bo
                           what="a conversion") as staging:
         conversion.config.save_pretrained(staging)
         _generation_config(conversion.config).save_pretrained(staging)
-        save_file({k: v.contiguous() for k, v in conversion.state_dict.items()}, str(staging / "model.safetensors"),
-                  metadata={"format": "pt"})
+        with SafetensorsStreamWriter(staging / "model.safetensors", conversion.tensor_specs()) as writer:
+            for name, tensor in conversion.tensors():
+                writer.write(name, tensor)
         if conversion.tokenizer is not None:
             conversion.tokenizer.save_pretrained(staging)
         (staging / CONVERSION_FILE).write_text(json.dumps(conversion.record, indent=2) + "\n")

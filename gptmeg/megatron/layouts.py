@@ -216,11 +216,19 @@ class MegatronLMReader(Reader):
             raise MegatronCheckpointError(f"{folder} has shards beyond TP={self.tp} x PP={self.pp} from its args "
                                           f"(e.g. {ranks[extra[0]].parent.name}).")
         self.meta = {"iteration": first.get("iteration"), "checkpoint_info": first.get("checkpoint_info")}
+        # keep only the model tensors, by block; the rest of each file (optimizer state) is never touched, and a
+        # stage's memory-mapped file is let go once its last block is merged
         self._by_layer: dict[int, dict[int, dict]] = {}
-        self._stage_parts: dict[tuple[int, int], list[dict]] = {}
-        for (t, p), state in states.items():
+        self._embedding: dict[int, dict] = {}
+        self._final: dict[int, dict] = {}
+        self._head: dict[int, dict] = {}
+        for (t, p), state in list(states.items()):
             chunks = self._chunks(state, ranks[(t, p)])
-            self._stage_parts[(t, p)] = chunks
+            if p == 0:
+                self._embedding[t] = chunks[0]["language_model"].get("embedding", {})
+            if p == self.pp - 1:
+                self._final[t] = self._encoder(chunks[-1], ranks[(t, p)])
+                self._head[t] = chunks[-1].get("word_embeddings_for_head")
             for v, language_model in enumerate(chunks):
                 encoder = self._encoder(language_model, ranks[(t, p)])
                 for key, tensor in encoder.items():
@@ -229,6 +237,8 @@ class MegatronLMReader(Reader):
                         continue
                     index = self._global_index(p, v, int(match.group(1)))
                     self._by_layer.setdefault(index, {}).setdefault(t, {})[_block_name(match.group(2))] = tensor
+            del states[(t, p)], state, chunks
+        del first  # nothing of the files is held beyond the model tensors
         found = sorted(self._by_layer)
         if found != list(range(self.layers)):
             absent = sorted(set(range(self.layers)) - set(found))
@@ -274,7 +284,7 @@ class MegatronLMReader(Reader):
     def embedding(self) -> Shards:
         out: Shards = {}
         for t in range(self.tp):
-            embedding = self._stage_parts[(t, 0)][0]["language_model"].get("embedding", {})
+            embedding = self._embedding.pop(t)
             if embedding.get("tokentype_embeddings"):
                 raise MegatronCheckpointError("the model has token-type embeddings, which GPT-2 does not have.")
             for name in ("word_embeddings", "position_embeddings"):
@@ -284,7 +294,7 @@ class MegatronLMReader(Reader):
         return out
 
     def layer(self, index: int) -> Shards:
-        ranks = self._by_layer[index]
+        ranks = self._by_layer.pop(index)  # taken once: the shards are freed after the merge
         out: Shards = {}
         for t in range(self.tp):
             if t not in ranks:
@@ -296,7 +306,7 @@ class MegatronLMReader(Reader):
     def final_norm(self) -> Shards:
         out: Shards = {}
         for t in range(self.tp):
-            encoder = self._encoder(self._stage_parts[(t, self.pp - 1)][-1], Path())
+            encoder = self._final.pop(t)
             for name in ("weight", "bias"):
                 if f"final_layernorm.{name}" not in encoder:
                     raise MegatronCheckpointError(f"the last pipeline stage of TP rank {t} has no final_layernorm.")
@@ -304,7 +314,7 @@ class MegatronLMReader(Reader):
         return out
 
     def head(self) -> Shards | None:
-        copies = [self._stage_parts[(t, self.pp - 1)][-1].get("word_embeddings_for_head") for t in range(self.tp)]
+        copies = [self._head.pop(t, None) for t in range(self.tp)]
         if self.pp == 1 or any(c is None for c in copies):
             return None
         return {"word_embeddings.weight": [c["weight"] for c in copies]}
@@ -347,8 +357,8 @@ class DeepSpeedPipeReader(Reader):
         self.files = sorted(rank_files) + sorted(p for ranks in by_index.values() for p in ranks.values())
         self._embedding, self._blocks, self._final = None, [], None
         for index, ranks in sorted(by_index.items()):  # by number, classified by keys
-            parts = [load_pt(ranks[t]) for t in range(self.tp)]
-            keys = set(parts[0])
+            paths = [ranks[t] for t in range(self.tp)]
+            keys = set(load_pt(paths[0]))  # memory-mapped: the tensors are not read here
             path = ranks[0]
             _refuse_core_names(keys, str(path))
             if "lm_head.weight" in keys:
@@ -358,11 +368,11 @@ class DeepSpeedPipeReader(Reader):
                 raise MegatronCheckpointError(f"{path} holds a LayerNorm after the word embedding "
                                               "(word_embeddings.norm), which GPT-2 does not have.")
             if "word_embeddings.weight" in keys:
-                self._embedding = parts
+                self._embedding = paths
             elif "input_layernorm.weight" in keys or "attention.query_key_value.weight" in keys:
-                self._blocks.append(parts)
+                self._blocks.append(paths)
             elif keys == {"weight", "bias"}:
-                self._final = parts
+                self._final = paths
             else:
                 raise MegatronCheckpointError(f"{path} holds {sorted(keys)[:4]}: not an embedding, a GPT block or a "
                                               "final LayerNorm.")
@@ -374,18 +384,19 @@ class DeepSpeedPipeReader(Reader):
                                           f"{self.layers} layers.")
 
     def embedding(self) -> Shards:
-        return {key: [part[key] for part in self._embedding]
-                for key in ("word_embeddings.weight", "position_embeddings.weight")}
+        parts = [load_pt(p) for p in self._embedding]
+        return {key: [part[key] for part in parts] for key in ("word_embeddings.weight", "position_embeddings.weight")}
 
     def layer(self, index: int) -> Shards:
         out: Shards = {}
-        for part in self._blocks[index]:
-            for key, tensor in part.items():
+        for path in self._blocks[index]:
+            for key, tensor in load_pt(path).items():
                 out.setdefault(_block_name(key), []).append(tensor)
         return out
 
     def final_norm(self) -> Shards:
-        return {key: [part[key] for part in self._final] for key in ("weight", "bias")}
+        parts = [load_pt(p) for p in self._final]
+        return {key: [part[key] for part in parts] for key in ("weight", "bias")}
 
 
 class DeepSpeedReader(Reader):
