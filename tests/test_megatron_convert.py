@@ -149,6 +149,8 @@ def _delete(path: Path) -> None:
         ("gqa", "grouped-query attention"),
         ("layernorm-1p", "gamma - 1"),
         ("moe", "mixture of experts"),
+        ("no biases", "without biases"),
+        ("universal without positions", "skips them"),
         ("missing TP shard", "lacks 1 shard"),
         ("missing layer file", "lacks layer_04-model_01"),
         ("virtual chunks without VPP", "virtual-pipeline chunks"),
@@ -168,7 +170,8 @@ def test_unsupported_checkpoints_are_refused_with_one_sentence(weights, tmp_path
           "alibi": {"position_embedding_type": ms.PositionEmbeddingType.alibi},
           "glu": {"glu_activation": "geglu"}, "post-ln": {"apply_residual_connection_post_layernorm": True},
           "kv-channels": {"kv_channels": 8}, "gqa": {"num_key_value_heads": 2},
-          "layernorm-1p": {"apply_layernorm_1p": True}, "moe": {"num_experts": [4]}}
+          "layernorm-1p": {"apply_layernorm_1p": True}, "moe": {"num_experts": [4]},
+          "no biases": {"add_bias_linear": False}}
     if case in lm:
         src = ms.write_megatron_lm(root, weights, DIMS, args_overrides=lm[case])
     elif case == "missing TP shard":
@@ -209,6 +212,9 @@ def test_unsupported_checkpoints_are_refused_with_one_sentence(weights, tmp_path
         for name in ("zero_pp_rank_0_mp_rank_00_model_states.pt", "mp_rank_00_model_states.pt"):
             torch.save({"module": None}, step / name)
         src = root
+    elif case == "universal without positions":
+        src = ms.write_universal(root, weights, DIMS, trimmed=False)
+        shutil.rmtree(next(src.glob("*/zero")) / "tied_modules.embed.position_embeddings.weight")
     elif case == "no tracker":
         src = ms.write_megatron_lm(root, weights, DIMS)
         (src / "latest_checkpointed_iteration.txt").unlink()
@@ -334,3 +340,24 @@ def test_a_missing_folder_is_one_line(tmp_path):
     assert_refused(run_cli("gptmeg.convert", tmp_path / "nope", tmp_path / "out"), "is not a folder")
     with pytest.raises(CheckpointError):
         convert(tmp_path)
+
+
+def _small_tokenizer(folder: Path, size: int) -> Path:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel({f"w{i}": i for i in range(size)}, unk_token="w0"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=f"w{size - 1}").save_pretrained(folder)
+    return folder
+
+
+def test_tokenizer_is_included_and_must_fit_the_vocabulary(weights, tmp_path):
+    src = ms.write_deepspeed_pipe(tmp_path / "ckpt", weights, DIMS)
+    conversion = convert(src, tokenizer_dir=_small_tokenizer(tmp_path / "tok250", 250))
+    assert conversion.tokenizer is not None and conversion.config.eos_token_id == 249
+    assert conversion.record["original_vocab_size"] == 250
+    with pytest.raises(MegatronCheckpointError, match="300 tokens"):
+        convert(src, tokenizer_dir=_small_tokenizer(tmp_path / "tok300", 300))
+    with pytest.raises(MegatronCheckpointError, match="no tokenizer.json"):
+        convert(src, tokenizer_dir=tmp_path)

@@ -169,6 +169,12 @@ def convert(
         notes.append(f"args imply an MLP width of {shape.ffn_hidden_size} but the tensors have {ffn}; using {ffn}.")
     tokenizer = _find_tokenizer(src, tokenizer_dir)
     original, original_from = _original_vocab(reader, args, rows, tokenizer)
+    if tokenizer is not None and len(tokenizer) > rows:
+        raise MegatronCheckpointError(f"the tokenizer has {len(tokenizer)} tokens but the embedding only {rows} rows: "
+                                      "it does not belong to this model.")
+    if tokenizer is not None and original is not None and len(tokenizer) != original:
+        notes.append(f"the tokenizer has {len(tokenizer)} tokens, the checkpoint records {original} ({original_from})"
+                     "; generation stops at the checkpoint's size.")
     if original is not None and original > rows:
         raise MegatronCheckpointError(f"the vocabulary has {original} tokens ({original_from}) but the embedding only "
                                       f"{rows} rows: the tokenizer does not belong to this model.")

@@ -486,6 +486,10 @@ class UniversalReader(Reader):
 
     def _tensor(self, name: str) -> torch.Tensor:
         path = self._params.get(name)
+        if path is None and name.endswith("position_embeddings.weight"):
+            raise MegatronCheckpointError(f"{self.source.folder / 'zero'} has no position embeddings (bigscience's "
+                                          "ds_to_universal.py skips them): convert the DeepSpeed checkpoint the "
+                                          "universal one was made from instead.")
         if path is None:
             raise MegatronCheckpointError(f"{self.source.folder / 'zero'} has no {name}/fp32.pt.")
         self.files.append(path)
