@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -70,12 +69,10 @@ def _kind_of(folder: Path) -> str | None:
         return "universal"
     if any(_DS_LAYER.match(n) for n in names):
         return "deepspeed-pipe"
-    if any(_ZERO3.match(n) for n in names) and not any(_DS_LAYER.match(n) for n in names):
-        zero3 = True
-    else:
-        zero3 = False
+    if any(_ZERO3.match(n) for n in names):  # ZeRO-3 partitions the weights themselves over the ranks
+        return "deepspeed-zero3"
     if any(_DS_RANK.match(n) for n in names):
-        return "deepspeed-zero3" if zero3 else "deepspeed"
+        return "deepspeed"
     if any(_LM_RANK.match(n) or n.startswith("mp_rank_") for n in names if (folder / n).is_dir()):
         return "megatron-lm"
     return None
@@ -356,7 +353,7 @@ class DeepSpeedPipeReader(Reader):
                                               f"(TP={self.tp}).")
         self.files = sorted(rank_files) + sorted(p for ranks in by_index.values() for p in ranks.values())
         self._embedding, self._blocks, self._final = None, [], None
-        for index, ranks in sorted(by_index.items()):  # by number, classified by keys
+        for _index, ranks in sorted(by_index.items()):  # by number, classified by keys
             paths = [ranks[t] for t in range(self.tp)]
             keys = set(load_pt(paths[0]))  # memory-mapped: the tensors are not read here
             path = ranks[0]
