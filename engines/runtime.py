@@ -12,7 +12,15 @@ import numpy as np
 from .artifacts import DecoderSpec
 from .errors import EngineError
 
-__all__ = ["DecoderRuntime", "StepOutput", "check_token_inputs"]
+__all__ = ["DecoderRuntime", "StepOutput", "check_mask_length", "check_token_inputs"]
+
+
+def check_mask_length(input_ids: np.ndarray, attention_mask: np.ndarray, past_length: int) -> None:
+    """The attention mask covers past + new tokens, row for row (the graph would broadcast a length-1 mask)."""
+    want = (np.shape(input_ids)[0], past_length + np.shape(input_ids)[1])
+    if tuple(np.shape(attention_mask)) != want:
+        raise EngineError(f"attention_mask has shape {tuple(np.shape(attention_mask))}; with {past_length} cached and "
+                          f"{np.shape(input_ids)[1]} new tokens it must be {want}.")
 
 
 def check_token_inputs(spec: DecoderSpec, input_ids: np.ndarray, position_ids: np.ndarray | None = None) -> None:

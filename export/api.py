@@ -15,6 +15,7 @@ import torch
 from gptmeg import LoadReport, load_pretrained
 from gptmeg.tiny import TINY_NAME, tiny_model, tiny_tokenizer
 
+from .genai_config import write_genai_config
 from .manifest import graph_io, is_export_folder, package_versions, write_manifest
 from .ort_session import SessionError, create_session
 from .onnx_export import DEFAULT_OPSET, MODEL_FILE, ExportError, export_decoder
@@ -99,6 +100,20 @@ def load_tokenizer(model_dir: str | Path, vocab_size: int):
             "remove them to export without a tokenizer."
         )
     return tokenizer
+
+
+def save_tokenizer(tokenizer, folder: Path) -> None:
+    """Save the tokenizer under a class every tool knows: GPTMeg's tokenizers encode exactly as GPT-2's, so
+    ``tokenizer_config.json`` names ``GPT2TokenizerFast`` (onnxruntime-genai and optimum refuse unknown classes;
+    ``AutoTokenizer`` on the export folder still returns an identical tokenizer)."""
+    import json
+
+    tokenizer.save_pretrained(folder)
+    config_file = folder / "tokenizer_config.json"
+    if type(tokenizer).__name__.startswith("GPTMeg") and config_file.is_file():
+        settings = json.loads(config_file.read_text())
+        settings["tokenizer_class"] = "GPT2TokenizerFast"
+        config_file.write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n")
 
 
 def load_model(model_dir: str | None, *, allow_incomplete: bool = False) -> LoadedModel:
@@ -191,8 +206,9 @@ def export_model(
             if not contract.ok:
                 raise ContractBroken(contract)
         config.save_pretrained(staging)
+        write_genai_config(staging, config, MODEL_FILE)  # onnxruntime-genai runs the folder as it is
         if loaded.tokenizer is not None:
-            loaded.tokenizer.save_pretrained(staging)
+            save_tokenizer(loaded.tokenizer, staging)
         verification = None
         if validate:
             with stage(f"validating with onnxruntime ({device}) against eager {dtype}"):

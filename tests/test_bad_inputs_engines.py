@@ -175,3 +175,11 @@ def test_runtimes_refuse_negative_positions(runtime):
     ids = np.array([[1, 2]], dtype=np.int64)
     with pytest.raises(EngineError, match="position -1"):
         runtime.step(ids, np.ones_like(ids), np.array([[-1, 0]]), runtime.empty_cache(1))
+
+
+@pytest.mark.parametrize("length", [1, 4, 6])
+def test_runtimes_refuse_an_attention_mask_that_does_not_cover_past_and_new(runtime, length):
+    """The graph would broadcast a length-1 mask silently; past 0 + 5 new tokens need a mask of length 5."""
+    ids = np.array([[1, 2, 3, 4, 5]], dtype=np.int64)
+    with pytest.raises(EngineError, match="attention_mask has shape"):
+        runtime.step(ids, np.ones((1, length), np.int64), np.arange(5)[None], runtime.empty_cache(1))
