@@ -16,7 +16,7 @@ from export.manifest import ManifestError, read_manifest, sha256_file
 
 from .errors import ArtifactError
 
-__all__ = ["DecoderSpec", "ExportArtifact", "load_tokenizer", "open_export"]
+__all__ = ["DecoderSpec", "ExportArtifact", "changed_files", "load_tokenizer", "open_export"]
 
 _NUMPY_DTYPES = {"float16": np.float16, "float32": np.float32}
 
@@ -49,13 +49,14 @@ class DecoderSpec:
 class ExportArtifact:
     """A verified export folder. ``open_export(folder)`` builds one."""
 
-    def __init__(self, folder: Path, manifest: dict):
+    def __init__(self, folder: Path, manifest: dict, model_path: Path | None = None):
         self.folder = folder
         self.manifest = manifest
+        self._model_path = model_path  # another graph run with this folder's manifest, config and tokenizer
 
     @property
     def model_path(self) -> Path:
-        return self.folder / self.manifest.get("model_file", "model.onnx")
+        return self._model_path or self.folder / self.manifest.get("model_file", "model.onnx")
 
     @property
     def dtype(self) -> str:
@@ -127,28 +128,39 @@ def load_tokenizer(folder: str | Path, vocab_size: int):
     return tokenizer
 
 
-def open_export(folder: str | Path, verify: bool = True) -> ExportArtifact:
-    """Open an export folder; with ``verify`` check every file the manifest lists against its sha256."""
+def changed_files(folder: Path, manifest: dict) -> list[str]:
+    """Files the manifest lists that are missing or whose size or sha256 differs (changed after export)."""
+    changed = []
+    for name, entry in manifest.get("files", {}).items():
+        path = folder / name
+        if not path.is_file() or path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
+            changed.append(name)
+    return changed
+
+
+def open_export(folder: str | Path, verify: bool = True, *, model_path: str | Path | None = None) -> ExportArtifact:
+    """Open an export folder; with ``verify`` check every file the manifest lists against its sha256.
+    ``model_path`` runs another ONNX file (a post-processed graph) with the folder's manifest and tokenizer."""
     folder = Path(folder)
     try:
         manifest = read_manifest(folder)
     except ManifestError as error:
         raise ArtifactError(str(error)) from None
-    artifact = ExportArtifact(folder, manifest)
-    files = manifest.get("files", {})
+    artifact = ExportArtifact(folder, manifest, Path(model_path) if model_path is not None else None)
     model_name = artifact.model_path.name
     if not artifact.model_path.is_file():
+        if model_path is not None:
+            raise ArtifactError(f"{model_path} is not a file.")
         raise ArtifactError(f"{artifact.model_path} is missing; re-export the model with `python -m export`.")
     if verify:
-        for name, entry in files.items():
+        for name in changed_files(folder, manifest):
             path = folder / name
             if not path.is_file():
                 raise ArtifactError(f"{path} is listed in the manifest but missing; re-export the model.")
-            if path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
-                raise ArtifactError(
-                    f"{path} does not match the sha256 in {folder / 'manifest.json'}: the file is corrupted or "
-                    f"was changed after export. Re-export the model (python -m export ... --force)."
-                )
-        if model_name not in files:
+            raise ArtifactError(
+                f"{path} does not match the sha256 in {folder / 'manifest.json'}: the file is corrupted or "
+                f"was changed after export. Re-export the model (python -m export ... --force), or pass --no-verify."
+            )
+        if model_name not in manifest.get("files", {}) and model_path is None:
             raise ArtifactError(f"the manifest of {folder} does not list {model_name}; re-export the model.")
     return artifact

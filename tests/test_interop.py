@@ -46,3 +46,67 @@ def test_tokenizer_config_names_a_class_every_tool_knows(tiny_exports):
     tokenizer = AutoTokenizer.from_pretrained(folder)
     for prompt in PROMPTS + ["¿Dónde está? 图书馆 😀"]:
         assert tokenizer.encode(prompt) == open_export(folder).tokenizer.encode(prompt).ids
+
+
+def _ort_optimized_copy(src, dst, **flags):
+    """The export folder with model.onnx replaced, in place, by onnxruntime's transformer optimizer output."""
+    import shutil
+
+    from onnxruntime.transformers import optimizer
+
+    shutil.copytree(src, dst)
+    optimized = optimizer.optimize_model(str(src / "model.onnx"), model_type="gpt2", num_heads=4, hidden_size=96,
+                                         **flags)
+    optimized.save_model_to_file(str(dst / "model.onnx"))
+    return dst
+
+
+@pytest.mark.parametrize("opt_level,passes", [(0, True), (None, False)], ids=["opt_level-0", "default-flags"])
+def test_validate_checks_a_graph_changed_after_export(tiny_exports, tmp_path, capsys, opt_level, passes):
+    """Post-processing a graph is what users do; validate says which files changed and judges the new graph.
+    onnxruntime's optimizer with --opt_level 0 keeps the fp16 plan; with its default CPU flags it moves the
+    residual adds to fp32 and splits the softmax, and the contract names the broken sites."""
+    from validate.cli import main as validate_main
+
+    flags = {"opt_level": opt_level} if opt_level is not None else {}
+    folder = _ort_optimized_copy(tiny_exports("fp16").folder, tmp_path / "optimized", **flags)
+    code = validate_main([str(folder), "--report", str(tmp_path / "report"), "--decode-steps", "1",
+                          "--new-tokens", "4"])
+    out = capsys.readouterr()
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["changed_files"] == ["model.onnx"]
+    assert "model.onnx differs from the export's manifest" in out.err
+    assert "changed since export" in (tmp_path / "report" / "report.md").read_text()
+    if passes:
+        assert code == 0 and report["contract"]["ok"]
+    else:
+        assert code == 1 and not report["contract"]["ok"]
+        violations = report["contract"]["violations"]
+        # the optimizer drops the torch module metadata, so the sites are named by their nodes
+        broken = {v["node"] for v in violations if v["kind"] == "layernorm"}
+        assert len(broken) == 7 and all(name.startswith("node_layer_norm") for name in broken)
+        assert any("attention_score site(s) in this model, found 0" in v["detail"] for v in violations)
+
+
+def test_engines_keep_refusing_a_changed_folder_unless_told(tiny_exports, tmp_path):
+    from engines import ArtifactError
+
+    folder = _ort_optimized_copy(tiny_exports("fp16").folder, tmp_path / "optimized", opt_level=0)
+    with pytest.raises(ArtifactError, match="--no-verify"):
+        open_export(folder)
+    assert open_export(folder, verify=False).model_path == folder / "model.onnx"
+
+
+def test_validate_graph_option_runs_any_file_with_the_folders_manifest(tiny_exports, tmp_path, capsys):
+    from validate.cli import main as validate_main
+
+    folder = _ort_optimized_copy(tiny_exports("fp16").folder, tmp_path / "optimized", opt_level=0)
+    elsewhere = tmp_path / "graphs" / "opt0.onnx"
+    elsewhere.parent.mkdir()
+    (folder / "model.onnx").rename(elsewhere)
+    code = validate_main([str(tiny_exports("fp16").folder), "--graph", str(elsewhere), "--report",
+                          str(tmp_path / "report"), "--decode-steps", "1", "--new-tokens", "4"])
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert code == 0, capsys.readouterr().err
+    assert report["graph"] == str(elsewhere) and report["changed_files"] == []
+    assert report["contract"]["expected"]["attention_score"] == 3  # expected counts from the folder's manifest

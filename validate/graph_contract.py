@@ -22,7 +22,9 @@ class GraphFileError(ValueError):
     pass
 
 
-def check_graph_file(path: str | Path) -> ContractReport:
+def check_graph_file(path: str | Path, config: dict | None = None) -> ContractReport:
+    """The precision-plan report of an ONNX file. The expected site counts come from ``config`` (an export
+    manifest's config) or from the manifest.json beside the file."""
     path = Path(path)
     if path.is_dir():
         path = path / "model.onnx"
@@ -36,15 +38,15 @@ def check_graph_file(path: str | Path) -> ContractReport:
         raise GraphFileError(f"{path} holds no ONNX graph (empty or not an ONNX file).")
     expected = None
     manifest = path.parent / MANIFEST_NAME
-    if manifest.is_file():
+    if config is None and manifest.is_file():
         try:
             config = json.loads(manifest.read_text(encoding="utf-8")).get("config", {})
         except (OSError, ValueError, AttributeError) as error:
             raise GraphFileError(f"{manifest} beside the graph is damaged ({type(error).__name__}: {error}); fix or "
                                  "remove it, or pass the .onnx file from another folder.") from None
-        if isinstance(config, dict) and isinstance(config.get("n_layer"), int):
-            expected = expected_sites(config["n_layer"], config.get("activation_function", "gelu_fast"),
-                                      scale_attn_weights=config.get("scale_attn_weights", True))
+    if isinstance(config, dict) and isinstance(config.get("n_layer"), int):
+        expected = expected_sites(config["n_layer"], config.get("activation_function", "gelu_fast"),
+                                  scale_attn_weights=config.get("scale_attn_weights", True))
     report = check_precision_plan(model, expected)
     report.path = str(path)
     return report

@@ -96,6 +96,8 @@ class ParityReport:
     contract: ContractReport
     backends: list[BackendResult] = field(default_factory=list)
     ablation: list[dict] | None = None
+    changed_files: list[str] = field(default_factory=list)  # files that differ from the export's manifest
+    graph: str | None = None  # the ONNX file validated, when it is not the folder's own model.onnx
 
     @property
     def ok(self) -> bool:
@@ -106,6 +108,8 @@ class ParityReport:
             "export_dir": self.export_dir,
             "graph_dtype": self.graph_dtype,
             "reference": self.reference,
+            "graph": self.graph,
+            "changed_files": self.changed_files,
             "ok": self.ok,
             "contract": self.contract.to_dict(),
             "backends": [

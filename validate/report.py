@@ -30,7 +30,10 @@ def markdown(report: ParityReport) -> str:
     lines = [
         f"# GPTMeg validation: {'PASS' if report.ok else 'FAIL'}",
         "",
-        f"- export: `{report.export_dir}` ({report.graph_dtype})",
+        f"- export: `{report.export_dir}` ({report.graph_dtype})"
+        + (f", graph `{report.graph}`" if report.graph else ""),
+        *([f"- **changed since export** (sha256 differs from the manifest): {', '.join(report.changed_files)}"]
+          if report.changed_files else []),
         f"- reference: eager GPTMeg, {report.reference}",
         f"- graph contract: {report.contract.summary()}",
         "",
