@@ -28,12 +28,20 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-__all__ = ["Site", "ContractReport", "ExpectedSites", "check_precision_plan", "expected_sites", "module_scope"]
+__all__ = ["Site", "ContractReport", "ExpectedSites", "check_precision_plan", "expected_sites", "implied_sites",
+           "module_scope"]
 
 FLOAT, FLOAT16, BFLOAT16 = TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16
 LOW_PRECISION = (FLOAT16, BFLOAT16)
 DTYPE_NAMES = {FLOAT: "float32", FLOAT16: "float16", BFLOAT16: "bfloat16", TensorProto.DOUBLE: "float64"}
 FUSED_ATTENTION_OPS = {"Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedAttention"}
+LAYERNORM_OPS = {"LayerNormalization", "SkipLayerNormalization", "SimplifiedLayerNormalization"}
+GELU_OPS = {"Tanh", "Gelu", "FastGelu", "BiasGelu"}
+_FUSED_GELU_OPS = {"Gelu", "FastGelu", "BiasGelu"}
+_NOT_TYPE_PRESERVING = {"Shape", "Size", "NonZero", "ArgMax", "ArgMin", "Equal", "Less", "LessOrEqual", "Greater",
+                        "GreaterOrEqual", "Not", "And", "Or", "Xor", "IsNaN", "IsInf", "ConstantOfShape", "Range",
+                        "Cast", "CastLike", "Constant"}
+_COMPUTE_OPS = {"MatMul", "Gemm", "Attention", "MultiHeadAttention"}
 # ops that move or reshape a score tensor between its MatMul and the Softmax without computing on it
 _PASS_THROUGH = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Expand", "Slice"}
 
@@ -120,6 +128,16 @@ def expected_sites(
     )
 
 
+def implied_sites(model: onnx.ModelProto) -> ExpectedSites | None:
+    """The sites a decoder graph must have, from its KV-cache inputs alone (``past_key_values.{i}.key``: one per
+    block), so that a graph with sites missing is caught without a manifest. The GELU count stays open (the
+    activation is not visible from the inputs). None for a graph without a KV cache."""
+    layers = sum(1 for i in model.graph.input if i.name.startswith("past_key_values.") and i.name.endswith(".key"))
+    if not layers:
+        return None
+    return ExpectedSites(layernorm=2 * layers + 1, gelu=None, attention_score=layers)
+
+
 class _Graph:
     """Producer/consumer maps and element types of one ONNX graph."""
 
@@ -153,7 +171,19 @@ class _Graph:
                 self.types.setdefault(n.output[0], _attr(n, "to"))
 
     def dtype(self, name: str) -> int | None:
-        return self.types.get(name)
+        """The element type of a value. onnxruntime's contrib ops (FastGelu, SkipLayerNormalization, ...) stop
+        ONNX's shape inference, so downstream of one the types are derived here: an op's output has the type of
+        its data input (the first, or Where's second), except ops that make indices, shapes or booleans."""
+        known = self.types.get(name)
+        seen = set()
+        while known is None and name not in seen:
+            seen.add(name)
+            node = self.producer.get(name)
+            if node is None or node.op_type in _NOT_TYPE_PRESERVING or not node.input:
+                return None
+            name = node.input[1] if node.op_type == "Where" else node.input[0]
+            known = self.types.get(name)
+        return known
 
     def is_constant(self, name: str) -> bool:
         return name in self.constants
@@ -194,18 +224,35 @@ def _name(dtype: int | None) -> str:
 
 
 def _graph_compute_dtype(g: _Graph, model: onnx.ModelProto) -> int:
-    float_outputs = [g.dtype(o.name) for o in model.graph.output if g.dtype(o.name) in (FLOAT, *LOW_PRECISION)]
-    return float_outputs[0] if float_outputs else FLOAT
+    """The graph's precision: low (fp16/bf16) when any of its GEMMs or outputs is, since an fp32 graph has none
+    (an optimizer may keep fp32 inputs and outputs around fp16 compute); fp32 otherwise."""
+    gemms = [g.dtype(n.output[0]) for n in g.nodes if n.op_type in _COMPUTE_OPS]
+    outputs = [g.dtype(o.name) for o in model.graph.output]
+    low = [d for d in (*gemms, *outputs) if d in LOW_PRECISION]
+    return low[0] if low else FLOAT
 
 
 # --- site finders ----------------------------------------------------------------------------------------------
 
 
 def _layernorm_sites(g: _Graph, low: bool) -> Iterable[Site]:
-    for i, node in enumerate(n for n in g.nodes if n.op_type == "LayerNormalization"):
-        x, scale = node.input[0], node.input[1]
-        bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    for i, node in enumerate(n for n in g.nodes if n.op_type in LAYERNORM_OPS):
+        x = node.input[0]
+        # SkipLayerNormalization(input, skip, gamma, beta, bias): the residual add is fused in
+        scale_index = 2 if node.op_type == "SkipLayerNormalization" else 1
+        scale = node.input[scale_index] if len(node.input) > scale_index else ""
+        bias_index = scale_index + 1
+        bias = node.input[bias_index] if len(node.input) > bias_index and node.input[bias_index] else None
         problems = []
+        fused_in_fp16 = {
+            "SkipLayerNormalization": "SkipLayerNormalization adds the residual and normalises in float16",
+            "LayerNormalization": "normalises in float16 (stash_type keeps only the statistics in fp32; scale and "
+                                  "bias are applied in float16)",
+        }
+        if low and g.dtype(x) in LOW_PRECISION and node.op_type in fused_in_fp16:
+            yield Site("layernorm", i, node.name or node.output[0], False, fused_in_fp16[node.op_type],
+                       module_scope(node))
+            continue
         if g.dtype(x) != FLOAT:
             problems.append(f"normalises in {_name(g.dtype(x))}")
         if g.dtype(scale) != FLOAT or (bias is not None and g.dtype(bias) != FLOAT):
@@ -257,11 +304,18 @@ def _forward_to_cast(g: _Graph, start: str, limit: int = 8) -> tuple[int | None,
 
 
 def _gelu_sites(g: _Graph, low: bool) -> Iterable[Site]:
-    for i, node in enumerate(n for n in g.nodes if n.op_type in ("Tanh", "Gelu", "FastGelu")):
+    for i, node in enumerate(n for n in g.nodes if n.op_type in GELU_OPS):
         problems = []
         if g.dtype(node.output[0]) != FLOAT:
             problems.append(f"{node.op_type} computes in {_name(g.dtype(node.output[0]))}")
-        if low:
+        if low and node.op_type in _FUSED_GELU_OPS:  # one fused op: its inputs must be the Cast(fp32) of fp16
+            if not problems:
+                if g.source_dtype(node.input[0]) not in LOW_PRECISION:
+                    problems.append("input is not a Cast(fp32) of the fp16 activation")
+                target, _ = _forward_to_cast(g, node.output[0])
+                if target not in LOW_PRECISION:
+                    problems.append("result is not cast back to fp16 once")
+        elif low:
             entered, not_fp32 = _fp32_region_sources(g, node.input[0])
             if not_fp32:
                 problems.append("non-fp32 math before the tanh: " + ", ".join(sorted(set(not_fp32))))
@@ -307,7 +361,21 @@ def _scalar_constant(g: _Graph, names: Iterable[str]) -> float | None:
     return None
 
 
+def _fused_attention_sites(g: _Graph, first_index: int) -> Iterable[Site]:
+    """onnxruntime's fused attention ops computing in fp32: an fp32 graph's score sites (fp16 ones are violations,
+    see _graph_wide_sites)."""
+    fused = [n for n in g.nodes if n.op_type in FUSED_ATTENTION_OPS and g.dtype(n.output[0]) == FLOAT]
+    for i, node in enumerate(fused, start=first_index):
+        yield Site("attention_score", i, node.name or node.output[0], True, f"fused {node.op_type} in float32",
+                   module_scope(node))
+
+
 def _attention_sites(g: _Graph, low: bool, scale_required: bool = True) -> Iterable[Site]:
+    sites = list(_softmax_attention_sites(g, low, scale_required))
+    return sites + list(_fused_attention_sites(g, len(sites)))
+
+
+def _softmax_attention_sites(g: _Graph, low: bool, scale_required: bool = True) -> Iterable[Site]:
     for i, softmax in enumerate(n for n in g.nodes if n.op_type == "Softmax"):
         matmul, path = _score_matmul(g, softmax)
         if matmul is None:
@@ -336,9 +404,10 @@ def _attention_sites(g: _Graph, low: bool, scale_required: bool = True) -> Itera
 
 def _graph_wide_sites(g: _Graph) -> Iterable[Site]:
     for node in g.nodes:
-        if node.op_type in FUSED_ATTENTION_OPS:
-            yield Site("graph", 0, node.name or node.output[0], False, f"fused attention op {node.op_type} (SDPA)",
-                       module_scope(node))
+        if node.op_type in FUSED_ATTENTION_OPS and g.dtype(node.output[0]) in LOW_PRECISION:
+            yield Site("graph", 0, node.name or node.output[0], False,
+                       f"fused attention op {node.op_type} in {_name(g.dtype(node.output[0]))}: its kernel decides "
+                       "how the scores are rounded", module_scope(node))
         if node.op_type == "Mul":
             for operand in node.input:
                 value = g.constants.get(operand)
@@ -361,10 +430,12 @@ def check_precision_plan(
     if not isinstance(model, onnx.ModelProto):
         path = str(model)
         model = onnx.load(path, load_external_data=False)
+    check_gelu = expected is None or expected.gelu is not None  # the caller's word on the activation
+    if expected is None:
+        expected = implied_sites(model)
     g = _Graph(model)
     compute = _graph_compute_dtype(g, model)
     low = compute in LOW_PRECISION
-    check_gelu = expected is None or expected.gelu is not None
     gelu_sites = list(_gelu_sites(g, low)) if check_gelu else []
     scale_required = expected is None or expected.scaled_scores
     sites = [*_layernorm_sites(g, low), *gelu_sites, *_attention_sites(g, low, scale_required), *_graph_wide_sites(g)]

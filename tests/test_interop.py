@@ -110,3 +110,51 @@ def test_validate_graph_option_runs_any_file_with_the_folders_manifest(tiny_expo
     assert code == 0, capsys.readouterr().err
     assert report["graph"] == str(elsewhere) and report["changed_files"] == []
     assert report["contract"]["expected"]["attention_score"] == 3  # expected counts from the folder's manifest
+
+
+def _optimized_graph(src_folder, out, float16=False, **flags):
+    from onnxruntime.transformers import optimizer
+
+    optimized = optimizer.optimize_model(str(src_folder / "model.onnx"), model_type="gpt2", num_heads=4,
+                                         hidden_size=96, **flags)
+    if float16:
+        optimized.convert_float_to_float16(keep_io_types=True)
+    optimized.save_model_to_file(str(out))
+    return out
+
+
+def test_checker_reads_fp32_graphs_after_ort_fusion_without_false_positives(tiny_exports, tmp_path):
+    """onnxruntime's optimizer fuses the residual adds into SkipLayerNormalization and the GELU into FastGelu:
+    recognised as the LayerNorm and GELU sites, judged by their types (fp32: nothing to round)."""
+    from export.precision_plan import check_precision_plan, expected_sites
+
+    graph = _optimized_graph(tiny_exports("fp32").folder, tmp_path / "opt.onnx")
+    report = check_precision_plan(str(graph), expected_sites(3, "gelu_fast"))
+    ops = {s.node.split("_")[0] for s in report.sites}
+    assert report.ok, report.violations
+    assert report.compute_dtype == "float32"
+    assert report.counts == {"layernorm": 7, "gelu": 3, "attention_score": 3}
+    assert any("SkipLayerNorm" in s.node for s in report.sites if s.kind == "layernorm"), ops
+
+
+def test_checker_judges_a_graph_by_its_compute_not_its_outputs(tiny_exports, tmp_path):
+    """ORT's --float16 keeps fp32 inputs and outputs around fp16 compute: that is an fp16 graph, and its
+    LayerNorms and GELUs in fp16 are violations (before, the first output made it "float32" and let it pass)."""
+    from export.precision_plan import check_precision_plan
+
+    graph = _optimized_graph(tiny_exports("fp32").folder, tmp_path / "opt16.onnx", float16=True)
+    report = check_precision_plan(str(graph))
+    assert report.compute_dtype == "float16" and not report.ok
+    kinds = {v.kind for v in report.violations}
+    assert {"layernorm", "gelu"} <= kinds, report.violations
+
+
+def test_missing_sites_are_violations_without_a_manifest(tiny_exports, tmp_path):
+    """The KV-cache inputs say how many blocks the decoder has: an fp16 graph whose softmax the optimizer split
+    (no score site left) is broken even with no manifest beside it."""
+    from export.precision_plan import check_precision_plan
+
+    graph = _optimized_graph(tiny_exports("fp16").folder, tmp_path / "opt.onnx")
+    report = check_precision_plan(str(graph))
+    assert report.expected is not None and report.expected.attention_score == 3
+    assert any("expected 3 attention_score site(s)" in v.detail for v in report.violations)
