@@ -325,7 +325,9 @@ def test_convert_cli_writes_a_loadable_gptmeg_folder(weights, tmp_path):
 def test_export_takes_a_megatron_folder_end_to_end(weights, tmp_path):
     src = ms.write_megatron_lm(tmp_path / "ckpt", weights, DIMS, version=None)
     out = tmp_path / "onnx"
-    result = run_cli("export", "--model", src, "--out", out, "--quiet")
+    # fp32: with a 16-token context the validation sees ~30 positions, too few for the fp16 top-1 target (one
+    # near-tie flips it); fp32 is judged by max abs error
+    result = run_cli("export", "--model", src, "--out", out, "--quiet", "--dtype", "fp32")
     assert result.returncode == 0, result.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     conversion = manifest["checkpoint"]["megatron_conversion"]
@@ -334,6 +336,12 @@ def test_export_takes_a_megatron_folder_end_to_end(weights, tmp_path):
     assert manifest["config"]["megatron"]["padded_vocab_size"] == 256
     generated = run_cli("engines", "generate", out, "--prompt-ids", "5,6,7", "--max-new-tokens", "4")
     assert generated.returncode == 0, generated.stderr
+    assert all(int(t) < 250 for t in generated.stdout.strip().split(","))  # never a padding row
+    # validate re-reads the Megatron folder (the manifest's source) as its eager reference
+    from validate.cli import main as validate_main
+
+    assert validate_main([str(out), "--report", str(tmp_path / "report"), "--decode-steps", "2",
+                          "--new-tokens", "4"]) == 0
 
 
 def test_a_missing_folder_is_one_line(tmp_path):

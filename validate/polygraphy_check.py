@@ -79,6 +79,9 @@ def polygraphy_check(reference: DecoderRuntime, backend: DecoderRuntime, *, grap
             return {k: np.asarray(v, dtype=np.float32) for k, v in outputs.items()}
 
     kv_dtype = np.float16 if graph_dtype == "fp16" else np.float32
+    context = reference.spec.max_sequence  # short-context models get a shorter prompt, never an over-long one
+    steps = min(steps, max(0, context - 2))
+    prompt = max(1, min(prompt, context - steps - 1))
     feeds = teacher_forced_feeds(reference, reference.spec.vocab_size, batch, prompt, steps, kv_dtype)
     first = reference.infer(feeds[0])
     scale = {name: float(np.abs(value).max()) for name, value in first.items()}
