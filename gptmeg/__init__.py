@@ -7,6 +7,7 @@ from transformers import (
     AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
+    AutoModelForQuestionAnswering,
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
     AutoTokenizer,
@@ -18,6 +19,7 @@ from .loading import IncompleteCheckpointError, LoadReport, load_pretrained
 from .modeling_gptmeg import (
     GPTMegDoubleHeadsModel,
     GPTMegDoubleHeadsModelOutput,
+    GPTMegForQuestionAnswering,
     GPTMegForSequenceClassification,
     GPTMegForTokenClassification,
     GPTMegLMHeadModel,
@@ -41,6 +43,7 @@ __all__ = [
     "GPTMegLMHeadModel",
     "GPTMegDoubleHeadsModel",
     "GPTMegDoubleHeadsModelOutput",
+    "GPTMegForQuestionAnswering",
     "GPTMegForSequenceClassification",
     "GPTMegForTokenClassification",
     "load_config",
@@ -53,6 +56,7 @@ def _register_auto_classes() -> None:
     AutoModel.register(GPTMegConfig, GPTMegModel, exist_ok=True)
     AutoModelForCausalLM.register(GPTMegConfig, GPTMegLMHeadModel, exist_ok=True)
     AutoModelForSequenceClassification.register(GPTMegConfig, GPTMegForSequenceClassification, exist_ok=True)
+    AutoModelForQuestionAnswering.register(GPTMegConfig, GPTMegForQuestionAnswering, exist_ok=True)
     AutoModelForTokenClassification.register(GPTMegConfig, GPTMegForTokenClassification, exist_ok=True)
     AutoTokenizer.register(
         GPTMegConfig, slow_tokenizer_class=GPTMegTokenizer, fast_tokenizer_class=GPTMegTokenizerFast, exist_ok=True

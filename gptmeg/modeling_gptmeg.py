@@ -27,6 +27,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import (
     BaseModelOutputWithPastAndCrossAttentions,
     CausalLMOutputWithCrossAttentions,
+    QuestionAnsweringModelOutput,
     SequenceClassifierOutputWithPast,
     TokenClassifierOutput,
 )
@@ -135,6 +136,25 @@ class GPTMegBlock(nn.Module):
         return hidden_states, attn_probs
 
 
+def _refuse_cross_attention(kwargs: dict) -> None:
+    """GPT-2 takes encoder states for cross-attention; GPTMeg has none, so it says so instead of ignoring them."""
+    if kwargs.get("encoder_hidden_states") is not None or kwargs.get("encoder_attention_mask") is not None:
+        raise ValueError("GPTMeg is a decoder-only model without cross-attention: encoder_hidden_states and "
+                         "encoder_attention_mask cannot be used.")
+
+
+# from_pretrained's own keyword arguments: never taken for config overrides (dtype is also a config field)
+_FROM_PRETRAINED_KWARGS = {
+    "dtype", "torch_dtype", "device_map", "attn_implementation", "output_loading_info", "ignore_mismatched_sizes",
+    "state_dict", "cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder",
+    "use_safetensors", "weights_only", "low_cpu_mem_usage", "quantization_config", "key_mapping", "tp_plan",
+    "tp_size", "max_memory", "offload_folder", "offload_state_dict", "trust_remote_code", "variant", "from_tf",
+    "from_flax", "adapter_name", "adapter_kwargs", "generation_config", "use_kernels", "distributed_config",
+    "device_mesh", "proxies", "mirror", "_from_auto", "_from_pipeline", "_commit_hash",
+}
+_LABEL_KWARGS = {"num_labels", "id2label", "label2id"}
+
+
 class GPTMegPreTrainedModel(PreTrainedModel):
     config_class = GPTMegConfig
     config: GPTMegConfig
@@ -164,7 +184,14 @@ class GPTMegPreTrainedModel(PreTrainedModel):
         if kwargs.get("config") is None and not args:
             from .checkpoint import load_config  # local import: checkpoint imports this module's config
 
-            kwargs["config"] = load_config(pretrained_model_name_or_path)
+            config = load_config(pretrained_model_name_or_path)
+            # config overrides (num_labels=3, use_cache=False, ...) change the config, as for transformers' Auto
+            # classes; keyword arguments of from_pretrained itself are left to it
+            overrides = {k: kwargs.pop(k) for k in list(kwargs)
+                         if k not in _FROM_PRETRAINED_KWARGS and (hasattr(config, k) or k in _LABEL_KWARGS)}
+            if overrides:
+                config = type(config).from_dict({**config.to_dict(), **overrides})
+            kwargs["config"] = config
         try:
             return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         except SafetensorError as error:  # a truncated or corrupt model.safetensors: say which file, not the parser
@@ -246,6 +273,7 @@ class GPTMegModel(GPTMegPreTrainedModel):
         past_key_values: Cache | None = None,  # the name transformers < 5.2x uses for `cache`
         **kwargs,
     ):
+        _refuse_cross_attention(kwargs)
         cache = pick_cache(cache, past_key_values)
         use_cache = self.config.use_cache if use_cache is None else use_cache
         output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
@@ -377,6 +405,7 @@ class GPTMegLMHeadModel(_ParallelHeadMixin, GPTMegPreTrainedModel, GenerationMix
         past_key_values: Cache | None = None,
         **kwargs,
     ):
+        _refuse_cross_attention(kwargs)
         outputs = self.transformer(
             input_ids,
             cache=pick_cache(cache, past_key_values),
@@ -467,6 +496,7 @@ class GPTMegDoubleHeadsModel(_ParallelHeadMixin, GPTMegPreTrainedModel, Generati
         past_key_values: Cache | None = None,
         **kwargs,
     ):
+        _refuse_cross_attention(kwargs)
         outputs = self.transformer(
             input_ids,
             cache=pick_cache(cache, past_key_values),
@@ -550,6 +580,7 @@ class GPTMegForSequenceClassification(GPTMegPreTrainedModel):
         past_key_values: Cache | None = None,
         **kwargs,
     ):
+        _refuse_cross_attention(kwargs)
         outputs = self.transformer(
             input_ids,
             cache=pick_cache(cache, past_key_values),
@@ -613,6 +644,7 @@ class GPTMegForTokenClassification(GPTMegPreTrainedModel):
         past_key_values: Cache | None = None,
         **kwargs,
     ):
+        _refuse_cross_attention(kwargs)
         outputs = self.transformer(
             input_ids,
             cache=pick_cache(cache, past_key_values),
@@ -633,4 +665,49 @@ class GPTMegForTokenClassification(GPTMegPreTrainedModel):
         output = TokenClassifierOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
+        return output if return_dict is not False else output.to_tuple()
+
+
+class GPTMegForQuestionAnswering(GPTMegPreTrainedModel):
+    """Extractive question answering: a start and an end logit per token (GPT-2's ``GPT2ForQuestionAnswering``)."""
+
+    def __init__(self, config: GPTMegConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.transformer = GPTMegModel(config)
+        self.qa_outputs = nn.Linear(config.n_embd, 2)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        start_positions: torch.LongTensor | None = None,
+        end_positions: torch.LongTensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ):
+        _refuse_cross_attention(kwargs)
+        outputs = self.transformer(
+            input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            use_cache=False,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+        )
+        logits = self.qa_outputs(outputs.last_hidden_state.to(self.qa_outputs.weight.device))  # (B, T, 2)
+        start_logits, end_logits = (t.squeeze(-1).contiguous() for t in logits.split(1, dim=-1))
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            loss = self.loss_function(start_logits, end_logits, start_positions, end_positions)
+        output = QuestionAnsweringModelOutput(loss=loss, start_logits=start_logits, end_logits=end_logits,
+                                              hidden_states=outputs.hidden_states, attentions=outputs.attentions)
         return output if return_dict is not False else output.to_tuple()
