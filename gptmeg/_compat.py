@@ -25,3 +25,13 @@ def output_cache(output):
 def cache_tensors(cache) -> list:
     """[key_0, value_0, key_1, value_1, ...] of a DynamicCache, each (B, H, P, D)."""
     return [t for layer in cache.layers for t in (layer.keys, layer.values)]
+
+
+def deprecated_past_key_values(forward):
+    """Wrap a forward with GPT-2's own deprecation of the ``past_key_values`` keyword, on the transformers versions
+    that renamed it to ``cache`` (GPT-2 warns there; on earlier versions neither does)."""
+    if CACHE_FIELD != "cache":
+        return forward
+    from transformers.utils.deprecation import deprecate_kwarg
+
+    return deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")(forward)

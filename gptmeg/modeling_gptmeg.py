@@ -36,7 +36,7 @@ from transformers.models.gpt2.modeling_gpt2 import GPT2SequenceSummary
 from transformers.pytorch_utils import Conv1D
 from transformers.utils import ModelOutput
 
-from ._compat import CACHE_FIELD, pick_cache
+from ._compat import CACHE_FIELD, deprecated_past_key_values, pick_cache
 from .configuration_gptmeg import MEGATRON_GELU, GPTMegConfig
 from .megatron_ops import MegatronGELU, MegatronLayerNorm, attention_scores, is_exporting
 from .parallel import DeviceMap, balanced_device_map, check_device_map
@@ -258,6 +258,7 @@ class GPTMegModel(GPTMegPreTrainedModel):
 
     # --- forward --------------------------------------------------------------------------------------------
 
+    @deprecated_past_key_values
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,  # (B, T)
@@ -295,11 +296,21 @@ class GPTMegModel(GPTMegPreTrainedModel):
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         past_len = cache.get_seq_length() if cache is not None else 0
-        if not is_exporting() and past_len + seq_len > self.config.n_positions:
-            raise ValueError(
-                f"Sequence too long: {past_len} cached + {seq_len} new tokens = {past_len + seq_len}, but this "
-                f"model has n_positions={self.config.n_positions} position embeddings. Shorten the input."
-            )
+        if not is_exporting():
+            # the limit is the position table: with explicit position_ids (packed sequences restart at 0) a row may
+            # be longer than n_positions as long as no position reaches it
+            if position_ids is not None and position_ids.numel():
+                highest = int(position_ids.max())
+                if highest >= self.config.n_positions or int(position_ids.min()) < 0:
+                    raise ValueError(
+                        f"position_ids reach {highest}, but this model has n_positions={self.config.n_positions} "
+                        "position embeddings (positions 0 to n_positions - 1). Shorten the input."
+                    )
+            elif past_len + seq_len > self.config.n_positions:
+                raise ValueError(
+                    f"Sequence too long: {past_len} cached + {seq_len} new tokens = {past_len + seq_len}, but this "
+                    f"model has n_positions={self.config.n_positions} position embeddings. Shorten the input."
+                )
         if position_ids is None:
             position_ids = torch.arange(past_len, past_len + seq_len, device=inputs_embeds.device).unsqueeze(0)
         else:
@@ -388,6 +399,7 @@ class GPTMegLMHeadModel(_ParallelHeadMixin, GPTMegPreTrainedModel, GenerationMix
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
 
+    @deprecated_past_key_values
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -478,6 +490,7 @@ class GPTMegDoubleHeadsModel(_ParallelHeadMixin, GPTMegPreTrainedModel, Generati
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
 
+    @deprecated_past_key_values
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,  # (B, C, T)
@@ -564,6 +577,7 @@ class GPTMegForSequenceClassification(GPTMegPreTrainedModel):
         self.score = nn.Linear(config.n_embd, self.num_labels, bias=False)
         self.post_init()
 
+    @deprecated_past_key_values
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -628,6 +642,7 @@ class GPTMegForTokenClassification(GPTMegPreTrainedModel):
         self.classifier = nn.Linear(config.n_embd, config.num_labels)
         self.post_init()
 
+    @deprecated_past_key_values
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,

@@ -44,3 +44,43 @@ def test_cross_attention_inputs_are_refused():
     model = copy_into(GPTMegLMHeadModel, __import__("transformers").GPT2LMHeadModel(gpt2_config()).eval())
     with pytest.raises(ValueError, match="without cross-attention"):
         model(torch.tensor([[5, 6]]), encoder_hidden_states=torch.zeros(1, 3, 96))
+
+
+def test_packed_sequences_longer_than_the_context_run_like_gpt2():
+    """Two documents packed in one row, positions restarting at 0: the row (100 tokens) is longer than n_positions
+    (64) but no position reaches it. GPT-2 accepts it; so does GPTMeg, with the same logits."""
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(gpt2_config()).eval()
+    ours = copy_into(GPTMegLMHeadModel, gpt2)
+    ids = torch.randint(2, 120, (1, 100))
+    positions = torch.cat([torch.arange(50), torch.arange(50)])[None]
+    with torch.no_grad():
+        # fp32 parity limit of the suite: 1e-5 (measured 4.8e-7; baddbmm and GPT-2's matmul accumulate differently)
+        difference = (ours(ids, position_ids=positions).logits - gpt2(ids, position_ids=positions).logits).abs()
+        assert float(difference.max()) <= 1e-5
+        with pytest.raises(ValueError, match="position_ids reach 64"):
+            ours(ids[:, :65], position_ids=torch.arange(65)[None])
+        with pytest.raises(ValueError, match="Sequence too long"):
+            ours(ids[:, :65])
+
+
+def test_past_key_values_keyword_warns_as_gpt2_does():
+    import warnings
+
+    from transformers import GPT2LMHeadModel
+    from transformers.cache_utils import DynamicCache
+
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(gpt2_config()).eval()
+    ours = copy_into(GPTMegLMHeadModel, gpt2)
+
+    def warned(model) -> bool:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with torch.no_grad():
+                model(torch.tensor([[5, 6]]), past_key_values=DynamicCache(config=model.config), use_cache=True)
+        return any("past_key_values" in str(w.message) for w in caught)
+
+    assert warned(ours) == warned(gpt2)
