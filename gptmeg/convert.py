@@ -53,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not src.is_dir():
             raise ValueError(f"{src} is not a folder. Pass the Megatron save folder.")
-        check_writable(out, args.force, marker=is_conversion_folder, protected=[src],
-                       what="a conversion")  # before reading gigabytes
+        check_writable(out, args.force, marker=is_conversion_folder, protected=[src], what="a conversion",
+                       option="OUT")  # before reading gigabytes
     except (ValueError, OutputExistsError, OutputNotWritableError) as error:
         print_error(console, str(error))
         return 2

@@ -83,35 +83,37 @@ def check_writable(
     marker: Callable[[Path], bool] | None = None,
     protected: Iterable[Path] = (),
     what: str = "an export",
+    option: str = "--out",
 ) -> None:
     """Fail early, before any work, when ``target`` cannot or must not be written."""
     target = Path(target).absolute()
     resolved = target.resolve()
     if len(target.name.encode()) > 255:
         raise OutputNotWritableError(f"the folder name {target.name[:40]}... is {len(target.name.encode())} bytes "
-                                     "long; file systems allow 255. Choose a shorter --out.")
+                                     f"long; file systems allow 255. Choose a shorter {option}.")
     if target.is_symlink():
-        raise OutputExistsError(f"{target} is a symbolic link; pass the folder it points to, or another --out.")
+        raise OutputExistsError(f"{target} is a symbolic link; pass the folder it points to, or another {option}.")
     if target.exists() and not target.is_dir():
-        raise OutputExistsError(f"{target} exists and is not a folder. Choose another --out.")
+        raise OutputExistsError(f"{target} exists and is not a folder. Choose another {option}.")
     if target.exists():
         cwd = Path.cwd().resolve()
         if _inside(cwd, resolved):
             raise OutputProtectedError(
-                f"{target} is the current folder or one of its parents; it is never replaced. Choose another --out."
+                f"{target} is the current folder or one of its parents; it is never replaced. Choose another "
+                f"{option}."
             )
         for folder in protected:
             folder = Path(folder).resolve()
             if _inside(folder, resolved) or _inside(resolved, folder):
                 raise OutputProtectedError(
-                    f"{target} holds or is inside the checkpoint {folder}; it is never replaced. Choose another --out."
+                    f"{target} holds or is inside the checkpoint {folder}; it is never replaced. Choose another {option}."
                 )
         if not overwrite:
-            raise OutputExistsError(f"{target} already exists. Pass --force to replace it, or choose another --out.")
+            raise OutputExistsError(f"{target} already exists. Pass --force to replace it, or choose another {option}.")
         if marker is not None and not is_replaceable(target, marker):
             raise OutputProtectedError(
                 f"{target} is not {what} made by this tool (no manifest.json saying so), so --force will not replace "
-                "it. Choose another --out, or delete the folder yourself."
+                f"it. Choose another {option}, or delete the folder yourself."
             )
     existing = target.parent
     while not existing.exists():
@@ -306,6 +308,7 @@ def staged_directory(
     marker: Callable[[Path], bool] | None = None,
     protected: Iterable[Path] = (),
     what: str = "an export",
+    option: str = "--out",
 ) -> Iterator[Path]:
     """Yield an empty, locked staging folder next to ``target``; on success swap it into place atomically.
 
@@ -315,7 +318,7 @@ def staged_directory(
     """
     target = Path(target).absolute()
     protected = list(protected)
-    check_writable(target, overwrite, marker=marker, protected=protected, what=what)
+    check_writable(target, overwrite, marker=marker, protected=protected, what=what, option=option)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:

@@ -312,7 +312,7 @@ def save_conversion(conversion: Conversion, out: str | os.PathLike, *, force: bo
 
     out = Path(out)
     with staged_directory(out, overwrite=force, marker=is_conversion_folder, protected=protected,
-                          what="a conversion") as staging:
+                          what="a conversion", option="OUT") as staging:
         conversion.config.save_pretrained(staging)
         _generation_config(conversion.config).save_pretrained(staging)
         with SafetensorsStreamWriter(staging / "model.safetensors", conversion.tensor_specs()) as writer:
