@@ -7,7 +7,7 @@ from importlib import import_module
 
 _PUBLIC = {
     "ContractBroken": "export.api",
-    "ExportError": "export.api",
+    "ExportError": "export.errors",
     "ExportResult": "export.api",
     "ValidationFailed": "export.api",
     "export_model": "export.api",

@@ -18,8 +18,9 @@ from gptmeg.tiny import TINY_NAME, tiny_model, tiny_tokenizer
 from .genai_config import write_genai_config
 from .manifest import graph_io, is_export_folder, package_versions, write_manifest
 from .ort_session import SessionError, create_session
-from .onnx_export import DEFAULT_OPSET, MODEL_FILE, ExportError, export_decoder
-from .opsets import OpsetError, check_opset, graph_opset
+from .errors import ExportError
+from .onnx_export import DEFAULT_OPSET, MODEL_FILE, export_decoder
+from .opsets import check_opset, graph_opset
 from .tied_weights import count_large_initializers
 from .precision_plan import ContractReport, check_precision_plan, expected_sites
 from safeio.staging import staged_directory
@@ -52,7 +53,7 @@ class ExportResult:
     contract: ContractReport
     verification: VerifyReport | None
     seconds: float
-    notes: list[str] = field(default_factory=list)  # things the user should know (no tokenizer, swept leftovers)
+    notes: list[str] = field(default_factory=list)  # things the user should know (no tokenizer, incomplete)
 
 
 @dataclass
@@ -178,10 +179,7 @@ def export_model(
         raise ExportError(f"unknown device {device!r}: choose cpu or cuda.")
     if device == "cuda" and not torch.cuda.is_available():
         raise ExportError("--device cuda asked for, but torch sees no CUDA device. Use --device cpu.")
-    try:
-        check_opset(opset)
-    except OpsetError as error:
-        raise ExportError(str(error)) from None
+    check_opset(opset)  # before any work (export_decoder checks it again for its direct callers)
     stage = step or (lambda _description: nullcontext())
     out = Path(out) if out is not None else default_output_dir(model_dir, dtype)
     protected = [Path(model_dir)] if model_dir is not None else []

@@ -9,6 +9,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.text import Text
 
+from .errors import ExportError
 from .manifest import is_export_folder
 from .opsets import DEFAULT_OPSET, MIN_OPSET, check_opset, max_opset
 from .report import contract_table, verification_table
@@ -66,13 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     errors = Console(stderr=True, soft_wrap=True)
     try:
         _preflight(args)
-    except (ValueError, OutputExistsError, OutputNotWritableError) as error:  # OpsetError is a ValueError
+    except (ValueError, ExportError, OutputExistsError, OutputNotWritableError) as error:
         print_error(errors, str(error))
         return 2
 
     from gptmeg import CheckpointError  # torch and transformers load here, after the instant checks
 
-    from .api import ContractBroken, ExportError, ValidationFailed, default_output_dir, export_model
+    from .api import ContractBroken, ValidationFailed, default_output_dir, export_model
 
     out = args.out or default_output_dir(args.model, args.dtype)
 

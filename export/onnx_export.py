@@ -15,17 +15,14 @@ from torch.export import Dim
 from gptmeg import GPTMegLMHeadModel
 
 from .decoder import DecoderWithPast
+from .errors import ExportError
 from .io_names import input_names, output_names
-from .opsets import DEFAULT_OPSET, MIN_OPSET, OpsetError, check_opset, graph_opset
+from .opsets import DEFAULT_OPSET, MIN_OPSET, check_opset, graph_opset
 from .tied_weights import count_large_initializers, refold_tied_transpose
 
 __all__ = ["MIN_OPSET", "DEFAULT_OPSET", "MODEL_FILE", "ExportError", "export_decoder"]
 
 MODEL_FILE = "model.onnx"
-
-
-class ExportError(RuntimeError):
-    pass
 
 
 def _sample_inputs(model: GPTMegLMHeadModel, batch: int = 2, seq: int = 3, past: int = 4):
@@ -73,10 +70,7 @@ def export_decoder(
     Weights go to ``model.onnx.data`` (ONNX external data) when ``external_data`` is True, and automatically when
     the model is over ONNX's 2 GB protobuf limit (``None``).
     """
-    try:
-        check_opset(opset)
-    except OpsetError as error:
-        raise ExportError(str(error)) from None
+    check_opset(opset)
     n_layer = model.config.n_layer
     wrapper = DecoderWithPast(model.eval()).eval()
     path = folder / MODEL_FILE
@@ -103,19 +97,19 @@ def export_decoder(
         first = str(error).strip().splitlines()[0]
         raise ExportError(f"the exporter wrote an invalid ONNX graph at opset {opset} ({first}); try another "
                           "--opset.") from None
-    written = graph_opset(onnx.load(str(path), load_external_data=False))
+    structure = onnx.load(str(path), load_external_data=False)  # read once for the opset and the tied check
+    written = graph_opset(structure)
     if written != opset:
         raise ExportError(f"asked for opset {opset}, but the exporter wrote opset {written}; choose --opset {written} "
                           "or another version it supports.")
-    if model.config.tie_word_embeddings:
-        _store_tied_weight_once(path, (model.config.vocab_size, model.config.n_embd), external_data)
+    shape = (model.config.vocab_size, model.config.n_embd)
+    if model.config.tie_word_embeddings and count_large_initializers(structure, shape) > 1:
+        _store_tied_weight_once(path, shape, external_data)
     return path
 
 
 def _store_tied_weight_once(path: Path, shape: tuple[int, int], external_data: bool | None) -> None:
     """Undo the optimizer's fold of ``Transpose(wte)`` into a second copy (small vocab x n_embd); see tied_weights."""
-    if count_large_initializers(onnx.load(str(path), load_external_data=False), shape) <= 1:
-        return
     model = onnx.load(str(path))  # with its data: the copies are compared element by element
     if refold_tied_transpose(model, shape):
         data = path.name + ".data"

@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import onnx
 
+from .errors import ExportError
+
 __all__ = ["MIN_OPSET", "DEFAULT_OPSET", "OpsetError", "check_opset", "graph_opset", "max_opset"]
 
 MIN_OPSET = 18  # the exporter's own opset; it cannot convert down (LayerNormalization itself needs 17)
 DEFAULT_OPSET = 18
 
 
-class OpsetError(ValueError):
-    pass
+class OpsetError(ExportError):
+    """An --opset the exporter cannot write, or one the fp32 islands do not allow."""
 
 
 def max_opset() -> int:
