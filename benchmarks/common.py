@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 import platform
 import statistics
+import subprocess
+import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -30,3 +33,17 @@ def median(values) -> float:
 
 def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def measure_subprocess(argv: list[str]) -> tuple[float, float]:
+    """(wall seconds, peak RSS in GiB) of one fresh process (its own rusage, from wait4; ru_maxrss is in KiB on
+    Linux). A failing process ends the benchmark with the end of its stderr."""
+    with tempfile.TemporaryFile() as errors:
+        started = time.perf_counter()
+        child = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=errors)
+        _, status, usage = os.wait4(child.pid, 0)
+        seconds = time.perf_counter() - started
+        if os.waitstatus_to_exitcode(status) != 0:
+            errors.seek(0)
+            raise SystemExit(f"{' '.join(argv[:4])} failed: {errors.read().decode(errors='replace')[-2000:]}")
+    return seconds, usage.ru_maxrss / 2**20

@@ -11,15 +11,13 @@ under 2x the fp16 model size plus one layer's shards.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import machine, median
+from benchmarks.common import machine, measure_subprocess, median
 
 MEDIUM = dict(hidden=1024, heads=16, ffn=4096, layers=24, max_pos=1024, orig_vocab=50257, divisible_by=128, tp=2,
               pp=2)
@@ -55,17 +53,6 @@ def synthetic_checkpoint(folder: Path) -> tuple[Path, int, int]:
     return folder, model, block
 
 
-def measure(argv: list[str]) -> tuple[float, float]:
-    """(seconds, peak RSS GiB) of one subprocess."""
-    started = time.perf_counter()
-    child = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(child.pid, 0)
-    seconds = time.perf_counter() - started
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{' '.join(argv[:4])} failed: {child.stderr.read().decode()[-2000:]}")
-    return seconds, usage.ru_maxrss / 2**20
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
@@ -85,7 +72,7 @@ def main() -> None:
     print(f"| step | wall time (median of {args.repeats}) | runs (s) | peak RSS (max) |")
     print("| --- | --- | --- | --- |")
     for name, argv in rows.items():
-        times, peaks = zip(*(measure(argv) for _ in range(args.repeats)))
+        times, peaks = zip(*(measure_subprocess(argv) for _ in range(args.repeats)))
         print(f"| {name} | {median(times):.1f} s | {', '.join(f'{t:.1f}' for t in times)} | {max(peaks):.2f} GiB |",
               flush=True)
     if args.work is None:

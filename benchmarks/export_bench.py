@@ -10,31 +10,18 @@ RSS is the child's ru_maxrss. Median of --repeats runs per dtype. Goal (issue #3
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from benchmarks.common import gpt2_small_checkpoint, machine, median
+from benchmarks.common import gpt2_small_checkpoint, machine, measure_subprocess, median
 
 
 def run_once(model: Path, out: Path, dtype: str) -> tuple[float, float]:
-    """(seconds, peak RSS in GiB) of one export subprocess (its own rusage, from wait4)."""
-    started = time.perf_counter()
-    child = subprocess.Popen(
-        [sys.executable, "-m", "export", "--model", str(model), "--out", str(out), "--dtype", dtype,
-         "--no-validate", "--force", "--quiet"],
-        stdout=subprocess.DEVNULL,
-    )
-    _, status, usage = os.wait4(child.pid, 0)
-    seconds = time.perf_counter() - started
-    child.returncode = os.waitstatus_to_exitcode(status)
-    if child.returncode != 0:
-        raise SystemExit(f"export of {dtype} failed with exit code {child.returncode}")
-    return seconds, usage.ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
+    """(seconds, peak RSS in GiB) of one export subprocess."""
+    return measure_subprocess([sys.executable, "-m", "export", "--model", str(model), "--out", str(out), "--dtype",
+                               dtype, "--no-validate", "--force", "--quiet"])
 
 
 def main() -> None:
