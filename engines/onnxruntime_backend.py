@@ -13,7 +13,7 @@ from export.ort_session import PROVIDERS, SessionError, available_providers, cre
 
 from .artifacts import ExportArtifact
 from .errors import EngineError
-from .runtime import DecoderRuntime, StepOutput, check_mask_length, check_token_inputs
+from .runtime import DecoderRuntime, StepOutput, check_step_inputs
 
 __all__ = ["PROVIDERS", "OrtDecoder", "available_providers"]
 
@@ -46,8 +46,7 @@ class OrtDecoder(DecoderRuntime):
         return [ort.OrtValue.ortvalue_from_numpy(empty, self.device, 0) for _ in self._past_names]
 
     def step(self, input_ids, attention_mask, position_ids, cache) -> StepOutput:
-        check_token_inputs(self.spec, input_ids, position_ids)
-        check_mask_length(input_ids, attention_mask, cache[0].shape()[2])
+        check_step_inputs(self.spec, input_ids, attention_mask, position_ids, cache[0].shape()[2])
         binding = self.session.io_binding()
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
         binding.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
@@ -63,8 +62,8 @@ class OrtDecoder(DecoderRuntime):
         return StepOutput(logits=logits, cache=list(outputs[1:]))
 
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        check_token_inputs(self.spec, feeds["input_ids"], feeds.get("position_ids"))
-        check_mask_length(feeds["input_ids"], feeds["attention_mask"], np.shape(feeds[self._past_names[0]])[2])
+        check_step_inputs(self.spec, feeds["input_ids"], feeds["attention_mask"], feeds.get("position_ids"),
+                          np.shape(feeds[self._past_names[0]])[2])
         names = [o.name for o in self.session.get_outputs()]
         return dict(zip(names, self.session.run(names, feeds)))
 

@@ -12,29 +12,32 @@ import numpy as np
 from .artifacts import DecoderSpec
 from .errors import EngineError
 
-__all__ = ["DecoderRuntime", "StepOutput", "check_mask_length", "check_token_inputs"]
+__all__ = ["DecoderRuntime", "StepOutput", "check_step_inputs"]
 
 
-def check_mask_length(input_ids: np.ndarray, attention_mask: np.ndarray, past_length: int) -> None:
-    """The attention mask covers past + new tokens, row for row (the graph would broadcast a length-1 mask)."""
+def _first_outside(values, limit: int) -> int | None:
+    """The first element of ``values`` outside [0, limit), or None."""
+    array = np.asarray(values)
+    if not array.size or (array.min() >= 0 and array.max() < limit):
+        return None
+    return int(array[(array < 0) | (array >= limit)].flat[0])
+
+
+def check_step_inputs(spec: DecoderSpec, input_ids, attention_mask, position_ids, past_length: int) -> None:
+    """Refuse what eager PyTorch refuses and the graph would not: token ids outside [0, vocab) and positions outside
+    [0, context) (ONNX Gather counts a negative index from the end, so id -1 would silently read the last row), and
+    an attention mask that does not cover past + new tokens row for row (the graph would broadcast a length-1 mask).
+    """
+    bad = _first_outside(input_ids, spec.vocab_size)
+    if bad is not None:
+        raise EngineError(f"token id {bad} is outside the vocabulary [0, {spec.vocab_size}).")
+    bad = _first_outside(position_ids, spec.max_sequence) if position_ids is not None else None
+    if bad is not None:
+        raise EngineError(f"position {bad} is outside the model's context [0, {spec.max_sequence}).")
     want = (np.shape(input_ids)[0], past_length + np.shape(input_ids)[1])
     if tuple(np.shape(attention_mask)) != want:
         raise EngineError(f"attention_mask has shape {tuple(np.shape(attention_mask))}; with {past_length} cached and "
                           f"{np.shape(input_ids)[1]} new tokens it must be {want}.")
-
-
-def check_token_inputs(spec: DecoderSpec, input_ids: np.ndarray, position_ids: np.ndarray | None = None) -> None:
-    """Refuse token ids outside [0, vocab) and positions outside [0, context), as eager PyTorch does. (ONNX Gather
-    counts a negative index from the end, so id -1 would silently read the last token's embedding.)"""
-    ids = np.asarray(input_ids)
-    if ids.size and (ids.min() < 0 or ids.max() >= spec.vocab_size):
-        bad = int(ids[(ids < 0) | (ids >= spec.vocab_size)].flat[0])
-        raise EngineError(f"token id {bad} is outside the vocabulary [0, {spec.vocab_size}).")
-    if position_ids is not None:
-        positions = np.asarray(position_ids)
-        if positions.size and (positions.min() < 0 or positions.max() >= spec.max_sequence):
-            bad = int(positions[(positions < 0) | (positions >= spec.max_sequence)].flat[0])
-            raise EngineError(f"position {bad} is outside the model's context [0, {spec.max_sequence}).")
 
 
 @dataclass

@@ -13,6 +13,7 @@ import onnx
 import torch
 
 from gptmeg import LoadReport, load_pretrained
+from gptmeg.loading import has_tokenizer_files, load_tokenizer_files
 from gptmeg.tiny import TINY_NAME, tiny_model, tiny_tokenizer
 
 from .genai_config import write_genai_config
@@ -24,6 +25,7 @@ from .opsets import check_opset, graph_opset
 from .tied_weights import count_large_initializers
 from .precision_plan import ContractReport, check_precision_plan, expected_sites
 from safeio.staging import staged_directory
+from safeio.terminal import first_line
 from .verify import VerifyReport, verify_export
 
 __all__ = ["DTYPES", "ExportResult", "ExportError", "ContractBroken", "ValidationFailed", "LoadedModel", "export_model",
@@ -65,38 +67,22 @@ class LoadedModel:
     notes: list[str] = field(default_factory=list)
 
 
-TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"))
-
-
 def default_output_dir(model_dir: str | None, dtype: str) -> Path:
     name = TINY_NAME if model_dir is None else Path(model_dir).resolve().name
     return Path("exports") / f"{name}-{dtype}"
 
 
-def _has_tokenizer_files(folder: Path) -> bool:
-    return any(all((folder / name).is_file() for name in group) for group in TOKENIZER_FILES)
-
-
 def load_tokenizer(model_dir: str | Path, vocab_size: int):
     """The checkpoint's tokenizer, or None when the folder has no tokenizer files (never a made-up one).
 
-    A tokenizer that cannot be loaded, or whose ids do not fit the model's vocabulary, is an ExportError."""
-    folder = Path(model_dir)
-    if not _has_tokenizer_files(folder):
+    Damaged tokenizer files are a CheckpointError; a tokenizer whose ids do not fit the model's vocabulary is an
+    ExportError."""
+    if not has_tokenizer_files(model_dir):
         return None
-    try:
-        from transformers import AutoTokenizer
-
-        from gptmeg.loading import quiet_transformers
-
-        with quiet_transformers():
-            tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    except Exception as error:  # noqa: BLE001 - tokenizer loaders raise many types for damaged files
-        raise ExportError(f"the tokenizer files in {folder} cannot be loaded ({type(error).__name__}: {error}). "
-                          "Fix or remove them.") from None
+    tokenizer = load_tokenizer_files(model_dir)
     if len(tokenizer) > vocab_size:
         raise ExportError(
-            f"the tokenizer in {folder} has {len(tokenizer)} tokens but the model's vocab_size is {vocab_size}: "
+            f"the tokenizer in {model_dir} has {len(tokenizer)} tokens but the model's vocab_size is {vocab_size}: "
             "ids the model cannot embed would reach it. Put the checkpoint's own tokenizer files in the folder, or "
             "remove them to export without a tokenizer."
         )
@@ -146,7 +132,7 @@ def onnxruntime_runner(path: Path, provider: str = "cpu") -> Callable[[dict], di
         try:
             return dict(zip(names, session.run(names, feeds)))
         except Exception as error:  # noqa: BLE001 - onnxruntime raises its own exception types
-            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            first = first_line(error)
             raise ExportError(f"onnxruntime could not run the exported graph: {first}") from None
 
     return run

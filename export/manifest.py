@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import os
 from importlib import metadata
@@ -11,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import onnx
+
+from safeio.digest import sha256_file
 
 __all__ = ["MANIFEST_NAME", "FORMAT", "sha256_file", "file_digests", "graph_io", "package_versions", "write_manifest",
            "read_manifest", "is_export_folder", "ManifestError"]
@@ -32,14 +33,6 @@ _KV_FIELDS = ("n_layer", "n_head", "head_dim", "max_sequence")
 
 class ManifestError(ValueError):
     pass
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def file_digests(folder: Path) -> dict[str, dict[str, Any]]:

@@ -13,6 +13,7 @@ import torch
 from torch.export import Dim
 
 from gptmeg import GPTMegLMHeadModel
+from safeio.terminal import first_line
 
 from .decoder import DecoderWithPast
 from .errors import ExportError
@@ -88,13 +89,13 @@ def export_decoder(
                 verbose=False,
             )
         except Exception as error:  # the exporter's own errors are long; keep the first line in ours
-            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            first = first_line(error)
             raise ExportError(f"torch.onnx.export failed: {first}") from error
         program.save(str(path), external_data=external_data)
     try:
         onnx.checker.check_model(str(path))  # by path: works above 2 GB too
     except onnx.checker.ValidationError as error:
-        first = str(error).strip().splitlines()[0]
+        first = first_line(error)
         raise ExportError(f"the exporter wrote an invalid ONNX graph at opset {opset} ({first}); try another "
                           "--opset.") from None
     structure = onnx.load(str(path), load_external_data=False)  # read once for the opset and the tied check

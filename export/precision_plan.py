@@ -42,6 +42,11 @@ _NOT_TYPE_PRESERVING = {"Shape", "Size", "NonZero", "ArgMax", "ArgMin", "Equal",
                         "GreaterOrEqual", "Not", "And", "Or", "Xor", "IsNaN", "IsInf", "ConstantOfShape", "Range",
                         "Cast", "CastLike", "Constant"}
 _COMPUTE_OPS = {"MatMul", "Gemm", "Attention", "MultiHeadAttention"}
+_LAYERNORM_IN_FP16 = {  # a LayerNorm op fed fp16: what it rounds that the fp32 island would not
+    "SkipLayerNormalization": "SkipLayerNormalization adds the residual and normalises in float16",
+    "LayerNormalization": "normalises in float16 (stash_type keeps only the statistics in fp32; scale and bias are "
+                          "applied in float16)",
+}
 # ops that move or reshape a score tensor between its MatMul and the Softmax without computing on it
 _PASS_THROUGH = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Expand", "Slice"}
 
@@ -244,13 +249,8 @@ def _layernorm_sites(g: _Graph, low: bool) -> Iterable[Site]:
         bias_index = scale_index + 1
         bias = node.input[bias_index] if len(node.input) > bias_index and node.input[bias_index] else None
         problems = []
-        fused_in_fp16 = {
-            "SkipLayerNormalization": "SkipLayerNormalization adds the residual and normalises in float16",
-            "LayerNormalization": "normalises in float16 (stash_type keeps only the statistics in fp32; scale and "
-                                  "bias are applied in float16)",
-        }
-        if low and g.dtype(x) in LOW_PRECISION and node.op_type in fused_in_fp16:
-            yield Site("layernorm", i, node.name or node.output[0], False, fused_in_fp16[node.op_type],
+        if low and g.dtype(x) in LOW_PRECISION and node.op_type in _LAYERNORM_IN_FP16:
+            yield Site("layernorm", i, node.name or node.output[0], False, _LAYERNORM_IN_FP16[node.op_type],
                        module_scope(node))
             continue
         if g.dtype(x) != FLOAT:

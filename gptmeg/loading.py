@@ -12,14 +12,18 @@ import os
 import pickle
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterator
 
 import torch
 
+from safeio.terminal import first_line
+
 from .checkpoint import CheckpointError, load_config
 from .modeling_gptmeg import GPTMegLMHeadModel, GPTMegPreTrainedModel
 
-__all__ = ["IncompleteCheckpointError", "LoadReport", "load_pretrained", "quiet_transformers"]
+__all__ = ["TOKENIZER_FILES", "IncompleteCheckpointError", "LoadReport", "has_tokenizer_files", "load_pretrained",
+           "load_tokenizer_files", "quiet_transformers"]
 
 _SHOWN = 5
 
@@ -83,6 +87,26 @@ def quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"))  # either set makes a GPT-2 tokenizer
+
+
+def has_tokenizer_files(folder: str | os.PathLike) -> bool:
+    return any(all((Path(folder) / name).is_file() for name in group) for group in TOKENIZER_FILES)
+
+
+def load_tokenizer_files(folder: str | os.PathLike):
+    """``AutoTokenizer`` over a folder's tokenizer files, without transformers' chatter; a CheckpointError when the
+    files cannot be loaded (never a made-up tokenizer: call :func:`has_tokenizer_files` first)."""
+    from transformers import AutoTokenizer
+
+    try:
+        with quiet_transformers():
+            return AutoTokenizer.from_pretrained(str(folder))
+    except Exception as error:  # noqa: BLE001 - tokenizer loaders raise many types for damaged files
+        raise CheckpointError(f"the tokenizer files in {folder} cannot be loaded ({type(error).__name__}: {error}). "
+                              "Fix or remove them.") from None
+
+
 def _load_errors() -> tuple[type[BaseException], ...]:
     errors: list[type[BaseException]] = [OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError]
     try:
@@ -125,7 +149,7 @@ def load_pretrained(
     except CheckpointError:
         raise
     except _load_errors() as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        first = first_line(error)
         raise CheckpointError(f"could not load the model weights from {path}: {first}") from error
     report = LoadReport(
         missing=sorted(info.get("missing_keys", ())),

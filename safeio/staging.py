@@ -41,6 +41,8 @@ __all__ = [
     "check_writable",
     "deferred_signals",
     "is_replaceable",
+    "is_writable_folder",
+    "nearest_existing",
     "staged_directory",
     "sweep_stale",
 ]
@@ -115,11 +117,22 @@ def check_writable(
                 f"{target} is not {what} made by this tool (no manifest.json saying so), so --force will not replace "
                 f"it. Choose another {option}, or delete the folder yourself."
             )
-    existing = target.parent
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+    existing = nearest_existing(target.parent)
+    if not is_writable_folder(existing):
         raise OutputNotWritableError(f"cannot write to {target.parent}: {existing} is not a writable folder.")
+
+
+def nearest_existing(path: Path) -> Path:
+    """``path`` itself or its nearest existing parent: where creating ``path`` would have to start."""
+    path = Path(path).absolute()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def is_writable_folder(path: Path) -> bool:
+    """A folder this process may create entries in (a read-only mount says no, even to root)."""
+    return path.is_dir() and os.access(path, os.W_OK | os.X_OK)
 
 
 # --- staging folders, locks and the sweep ---------------------------------------------------------------------

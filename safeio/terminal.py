@@ -13,7 +13,7 @@ from typing import Iterator
 from rich.console import Console
 from rich.text import Text
 
-__all__ = ["Terminated", "print_error", "print_plain", "interrupt_exit_code", "termination_as_interrupt"]
+__all__ = ["Terminated", "first_line", "print_error", "print_plain", "interrupt_exit_code", "termination_as_interrupt"]
 
 
 class Terminated(KeyboardInterrupt):
@@ -55,3 +55,10 @@ def print_plain(console: Console, message: str, style: str | None = None) -> Non
 def print_error(console: Console, message: str) -> None:
     """``error: <message>`` with the message as literal text."""
     console.print(Text("error: ", style="red") + Text(message), soft_wrap=True)
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of a library's (often long) error message, or its type when it has none: for one-line
+    errors that quote the cause."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from safeio.staging import deferred_signals
+from safeio.staging import deferred_signals, is_writable_folder, nearest_existing
 
 if TYPE_CHECKING:  # the parity harness imports torch; `validate graph` needs none of it
     from .parity import ParityReport
@@ -141,14 +141,12 @@ REPORT_FILES = ("report.json", "report.md", "error_by_layer.png")
 
 
 def check_report_folder(folder: Path) -> None:
-    """Raise OSError-derived ReportFolderError before any work when ``folder`` cannot receive a report."""
+    """A ReportFolderError, before any work, when ``folder`` cannot receive a report."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise ReportFolderError(f"--report {folder} exists and is not a folder; choose another --report.")
-    existing = folder
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+    existing = nearest_existing(folder)
+    if not is_writable_folder(existing):
         raise ReportFolderError(f"cannot write the report to {folder}: {existing} is not a writable folder. Choose "
                                 "another --report.")
 

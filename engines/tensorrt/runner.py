@@ -11,7 +11,7 @@ import numpy as np
 
 from ..artifacts import ExportArtifact
 from ..errors import EngineError
-from ..runtime import DecoderRuntime, StepOutput, check_mask_length, check_token_inputs
+from ..runtime import DecoderRuntime, StepOutput, check_step_inputs
 from .build import BuildResult, find_engine
 from .cache import ENGINE_NAME
 from .environment import load_tensorrt
@@ -83,8 +83,7 @@ class TrtDecoder(DecoderRuntime):
         return [self._torch.empty(shape, dtype=dtype, device="cuda") for _ in self.spec.past_names()]
 
     def step(self, input_ids, attention_mask, position_ids, cache) -> StepOutput:
-        check_token_inputs(self.spec, input_ids, position_ids)
-        check_mask_length(input_ids, attention_mask, cache[0].shape[2])
+        check_step_inputs(self.spec, input_ids, attention_mask, position_ids, cache[0].shape[2])
         inputs = {"input_ids": self._device(input_ids.astype(np.int64)),
                   "attention_mask": self._device(attention_mask.astype(np.int64)),
                   "position_ids": self._device(position_ids.astype(np.int64)),
@@ -94,8 +93,8 @@ class TrtDecoder(DecoderRuntime):
         return StepOutput(logits=logits, cache=[outputs[n] for n in self.spec.present_names()])
 
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        check_token_inputs(self.spec, feeds["input_ids"], feeds.get("position_ids"))
-        check_mask_length(feeds["input_ids"], feeds["attention_mask"], np.shape(feeds[self.spec.past_names()[0]])[2])
+        check_step_inputs(self.spec, feeds["input_ids"], feeds["attention_mask"], feeds.get("position_ids"),
+                          np.shape(feeds[self.spec.past_names()[0]])[2])
         outputs = self._run({name: self._device(value) for name, value in feeds.items()})
         return {name: tensor.cpu().numpy() for name, tensor in outputs.items()}
 

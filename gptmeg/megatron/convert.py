@@ -3,7 +3,6 @@ straight to a model (:func:`load_megatron_model`, what ``python -m export --mode
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -11,7 +10,10 @@ from typing import Iterator
 
 import torch
 
+from safeio.digest import sha256_file
+
 from ..configuration_gptmeg import GPTMegConfig
+from ..loading import has_tokenizer_files, load_tokenizer_files
 from .errors import MegatronCheckpointError
 from .hparams import activation_of, model_shape, numerics_flags
 from .layouts import find_source, open_reader
@@ -25,7 +27,6 @@ CONVERSION_FILE = "conversion.json"
 CONVERSION_FORMAT = "gptmeg-megatron-conversion/1"
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _GPT2_BPE_SIZE, _GPT2_EOS = 50257, 50256
-_TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"))
 
 
 class Conversion:
@@ -71,36 +72,13 @@ class Conversion:
         return {k: (dtype, tuple(v.shape)) for k, v in model.state_dict().items() if k != "lm_head.weight"}
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _load_tokenizer(folder: Path):
-    from transformers import AutoTokenizer
-
-    from ..loading import quiet_transformers
-
-    try:
-        with quiet_transformers():
-            return AutoTokenizer.from_pretrained(str(folder))
-    except Exception as error:  # noqa: BLE001 - tokenizer loaders raise many types for damaged files
-        raise MegatronCheckpointError(f"the tokenizer in {folder} cannot be loaded ({type(error).__name__}: "
-                                      f"{error}).") from None
-
-
 def _find_tokenizer(src: Path, tokenizer_dir: str | os.PathLike | None):
     if tokenizer_dir is not None:
-        folder = Path(tokenizer_dir)
-        if not any(all((folder / n).is_file() for n in group) for group in _TOKENIZER_FILES):
-            raise MegatronCheckpointError(f"--tokenizer {folder} has no tokenizer.json nor vocab.json + merges.txt.")
-        return _load_tokenizer(folder)
-    if any(all((src / n).is_file() for n in group) for group in _TOKENIZER_FILES):
-        return _load_tokenizer(src)
-    return None
+        if not has_tokenizer_files(tokenizer_dir):
+            raise MegatronCheckpointError(f"--tokenizer {tokenizer_dir} has no tokenizer.json nor vocab.json + "
+                                          "merges.txt.")
+        return load_tokenizer_files(tokenizer_dir)
+    return load_tokenizer_files(src) if has_tokenizer_files(src) else None
 
 
 def _original_vocab(reader, args, rows: int, tokenizer) -> tuple[int | None, str]:
@@ -272,7 +250,7 @@ def convert(
         step("hashing the source files")
         root = src.resolve()
         record["files"] = {str(p.resolve().relative_to(root)) if p.resolve().is_relative_to(root) else str(p.resolve()):
-                           _sha256(p) for p in dict.fromkeys(reader.files)}
+                           sha256_file(p) for p in dict.fromkeys(reader.files)}
 
     conversion = Conversion(config, record, tokenizer, produce)
     if not lazy:

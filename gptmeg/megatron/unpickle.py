@@ -17,6 +17,8 @@ from types import SimpleNamespace
 
 import torch
 
+from safeio.terminal import first_line
+
 from .errors import MegatronCheckpointError, UnsafeCheckpointError
 
 __all__ = ["Stub", "load_pt"]
@@ -114,6 +116,6 @@ def load_pt(path: str | Path):
     except UnsafeCheckpointError:
         raise
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        first = first_line(error)
         raise MegatronCheckpointError(f"{path} cannot be read ({first}); the file is truncated or not a torch "
                                       "checkpoint.") from None
