@@ -18,7 +18,7 @@ from gptmeg.tiny import TINY_NAME, tiny_model, tiny_tokenizer
 
 from .genai_config import write_genai_config
 from .manifest import graph_io, is_export_folder, package_versions, write_manifest
-from .ort_session import SessionError, create_session
+from .ort_session import SessionError, available_providers, create_session
 from .errors import ExportError
 from .onnx_export import DEFAULT_OPSET, MODEL_FILE, export_decoder
 from .opsets import check_opset, graph_opset
@@ -165,6 +165,12 @@ def export_model(
         raise ExportError(f"unknown device {device!r}: choose cpu or cuda.")
     if device == "cuda" and not torch.cuda.is_available():
         raise ExportError("--device cuda asked for, but torch sees no CUDA device. Use --device cpu.")
+    if device == "cuda" and validate and "cuda" not in available_providers():  # before minutes of export work
+        raise ExportError(
+            "--device cuda validates with onnxruntime's CUDA provider, which this onnxruntime lacks (install "
+            "onnxruntime-gpu: pip install '.[cuda]'). To compare onnxruntime on the CPU with eager CUDA fp16, export "
+            "with --device cpu and run `python -m validate EXPORT_DIR --reference cuda-fp16`."
+        )
     check_opset(opset)  # before any work (export_decoder checks it again for its direct callers)
     stage = step or (lambda _description: nullcontext())
     out = Path(out) if out is not None else default_output_dir(model_dir, dtype)

@@ -26,6 +26,8 @@ def contract_table(report: ContractReport, only_broken: bool = False) -> Table:
 
 
 def verification_table(report: VerifyReport) -> Table:
+    from .verify import top1_text  # a report exists, so torch is already loaded
+
     state = "[green]pass[/]" if report.ok else "[red]FAIL[/]"
     title = (
         f"onnxruntime ({report.provider}) vs eager {report.dtype} on {report.reference_device}: {state}"
@@ -41,7 +43,7 @@ def verification_table(report: VerifyReport) -> Table:
             f"{m.reference_max:.3g}" if m.reference_max is not None else "-",
             str(m.nan),
             str(m.inf),
-            f"{m.top1:.2%}" if m.top1 is not None else "-",
+            top1_text(m) if m.top1 is not None else "-",
             str(m.count),
         )
     for failure in report.failures:

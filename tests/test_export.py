@@ -219,3 +219,41 @@ def test_tied_embeddings_are_stored_once_at_every_size(tmp_path, vocab, dtype):
         eager = model(ids).logits.float().numpy()
     tolerance = 1e-5 if dtype == "fp32" else 2e-2 * np.abs(eager).max()
     assert np.abs(outputs["logits"].astype(np.float32) - eager).max() <= tolerance
+
+
+def _logits_metrics(ours: np.ndarray, reference: np.ndarray):
+    from export.verify import _Accumulator
+
+    accumulator = _Accumulator("logits", logits=True)
+    accumulator.add(0, ours[None], reference[None], np.ones(ours.shape[:1] + (1,), dtype=bool)[None])
+    return accumulator.metrics()
+
+
+def test_fp16_top1_counts_near_ties_but_not_real_disagreements():
+    from export.verify import FP16_TIE_ULPS, export_tolerance_failures
+
+    rng = np.random.default_rng(0)
+    reference = rng.normal(size=(200, 50)).astype(np.float16).astype(np.float32)
+    reference[:, 0] = 3.0  # every row's top token is 0, with token 1 as runner-up below
+    ulp = float(np.spacing(np.float16(3.0)))  # 2**-9 at 3.0
+    reference[:, 1] = 3.0 - FP16_TIE_ULPS * ulp  # a near-tie: within the band
+    flipped = reference.copy()
+    flipped[:4, 1] = 3.0 + ulp  # the graph prefers token 1 in 4 rows of 200 (98 % exact agreement)
+    metrics = _logits_metrics(flipped, reference)
+    assert metrics.top1 == 0.98 and metrics.top1_near_ties == 4 and metrics.top1_tie_aware == 1.0
+    assert export_tolerance_failures([metrics], "fp16") == []
+
+    reference[:, 1] = 3.0 - (FP16_TIE_ULPS + 1) * ulp  # one ulp wider than the band: a real disagreement
+    metrics = _logits_metrics(flipped, reference)
+    assert metrics.top1 == 0.98 and metrics.top1_near_ties == 0
+    assert any("top-1 agreement 98.00%" in f for f in export_tolerance_failures([metrics], "fp16"))
+
+
+def test_device_cuda_without_onnxruntime_gpu_is_refused_before_any_work(tmp_path, monkeypatch):
+    """Seen on an H200 with the CPU onnxruntime: the export ran, then failed at validation. Now refused up front."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(export_api, "available_providers", lambda: ["cpu"])
+    monkeypatch.setattr(export_api, "export_decoder", lambda *a, **k: pytest.fail("exported before refusing"))
+    with pytest.raises(export_api.ExportError, match="--reference cuda-fp16"):
+        export_model(out=tmp_path / "out", device="cuda")
+    assert not (tmp_path / "out").exists()

@@ -132,7 +132,7 @@ class ParityReport:
 
 def tolerance_failures(metrics: list[OutputMetrics], graph_dtype: str, reference: str) -> list[str]:
     """Per-output tolerances. Logits: the export targets of the graph's precision (fp32: max abs <= 1e-4; fp16
-    or an fp16 reference: no NaN/Inf, top-1 >= 99 %, max abs <= 2 % of the largest reference logit). The cache:
+    or an fp16 reference: no NaN/Inf, top-1 >= 99 % with near-ties counted, max abs <= 2 % of the largest reference logit). The cache:
     max abs <= 1e-5 (fp32) or 2 % (fp16) of the largest reference value."""
     precision = "fp32" if graph_dtype == "fp32" and reference.endswith("fp32") else "fp16"
     failures = export_tolerance_failures(metrics, precision)
