@@ -65,6 +65,45 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--new-tokens", type=int, default=32)
     bench.add_argument("--repeats", type=int, default=3)
 
+    serve = commands.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching",
+                                description="Serve the export over HTTP: POST /v1/completions (streaming too), GET "
+                                            "/v1/models, /health, /metrics. One scheduler thread batches concurrent "
+                                            "requests step by step. Needs the serve extra.")
+    _runtime_options(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
+                                                            "only; 0.0.0.0 for every interface)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free port, printed)")
+    serve.add_argument("--tokenizer", metavar="DIR", default=None,
+                       help="folder with the tokenizer.json to use (default: the export's own)")
+    serve.add_argument("--max-batch", type=int, default=8, help="rows decoded together (default 8; 1 = no batching)")
+    serve.add_argument("--max-waiting", type=int, default=256,
+                       help="choices that may wait to join; more are answered 429 (default 256)")
+    serve.add_argument("--max-prefill-tokens", type=int, default=2048,
+                       help="padded prompt tokens one prefill may take (default 2048)")
+    serve.add_argument("--served-model-name", default=None, help="the model id clients send (default: the export "
+                                                                 "folder's name)")
+    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 (default: the "
+                                                       "GPTMEG_API_KEY environment variable, else no key)")
+
+    triton = commands.add_parser("triton-repo", help="write a Triton Inference Server model repository",
+                                 description="A Triton model repository serving this export: a decoupled python-"
+                                             "backend model running the same scheduler (TensorRT-LLM-style inputs "
+                                             "text_input, max_tokens, stream, ... -> text_output), and with "
+                                             "--with-decoder-model the stateless decoder as an onnxruntime model.")
+    triton.add_argument("export_dir", metavar="EXPORT_DIR", help="folder written by `python -m export`")
+    triton.add_argument("--out", metavar="REPO", required=True, help="repository folder to create")
+    triton.add_argument("--model-name", default="gptmeg", help="name of the model in the repository (default gptmeg)")
+    triton.add_argument("--backend", choices=[*BACKENDS, *ALIASES], default="onnxruntime",
+                        help="runtime inside the python model (default onnxruntime)")
+    triton.add_argument("--provider", choices=["cpu", "cuda"], default="cpu", help="onnxruntime device (default cpu)")
+    triton.add_argument("--threads", type=int, default=None, help="intra-op threads of the runtime")
+    triton.add_argument("--max-batch", type=int, default=8, help="rows decoded together (default 8)")
+    triton.add_argument("--instances", type=int, default=1, help="model instances (default 1)")
+    triton.add_argument("--with-decoder-model", action="store_true",
+                        help="also write the stateless decoder as an onnxruntime model (gptmeg_decoder)")
+    triton.add_argument("--force", action="store_true", help="replace REPO if it is an earlier repository")
+    triton.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the export's files")
+
     build = commands.add_parser("build", help="build (or reuse) the fp16 TensorRT engine of an export",
                                 description="Strongly typed TensorRT build of the export's fp16 ONNX with a prefill "
                                             "and a decode optimization profile, a persistent timing cache, and an "
@@ -237,8 +276,37 @@ def main(argv: list[str] | None = None) -> int:
         return interrupt_exit_code(error)
 
 
+def _serve(args, artifact) -> int:
+    import os
+
+    from .serving.server import ServeOptions, check_options, serve
+
+    options = ServeOptions(host=args.host, port=args.port, max_batch=args.max_batch, max_waiting=args.max_waiting,
+                           max_prefill_tokens=args.max_prefill_tokens, served_model_name=args.served_model_name,
+                           api_key=args.api_key if args.api_key is not None else os.environ.get("GPTMEG_API_KEY"))
+    check_options(options)  # before the session loads
+    tokenizer = _tokenizer(args, artifact, needed=True)
+    runtime = make_runtime(artifact, args.backend, provider=args.provider, threads=args.threads)
+    return serve(runtime, artifact, tokenizer, options)
+
+
+def _triton_repo(args, artifact) -> int:
+    from .serving.triton_repo import TritonRepoOptions, write_triton_repo
+
+    options = TritonRepoOptions(model_name=args.model_name, backend=ALIASES.get(args.backend, args.backend),
+                                provider=args.provider, threads=args.threads, max_batch=args.max_batch,
+                                instances=args.instances, with_decoder_model=args.with_decoder_model)
+    repo = write_triton_repo(artifact, args.out, options, force=args.force)
+    print(repo)
+    return 0
+
+
 def _run(args, console: Console) -> int:
     artifact = open_export(args.export_dir, verify=not args.no_verify)
+    if args.command == "serve":
+        return _serve(args, artifact)
+    if args.command == "triton-repo":
+        return _triton_repo(args, artifact)
     if args.command == "build":
         _build(args, artifact, console)
         return 0

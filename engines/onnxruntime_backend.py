@@ -61,6 +61,12 @@ class OrtDecoder(DecoderRuntime):
         logits = outputs[0].numpy()[:, -1, :].astype(np.float32)
         return StepOutput(logits=logits, cache=list(outputs[1:]))
 
+    def cache_to_host(self, cache: list[ort.OrtValue]) -> list[np.ndarray]:
+        return [value.numpy() for value in cache]
+
+    def cache_from_host(self, arrays: list[np.ndarray]) -> list[ort.OrtValue]:
+        return [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a), self.device, 0) for a in arrays]
+
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         check_step_inputs(self.spec, feeds["input_ids"], feeds["attention_mask"], feeds.get("position_ids"),
                           np.shape(feeds[self._past_names[0]])[2])

@@ -71,5 +71,41 @@ class DecoderRuntime(ABC):
         """One raw call of the graph: every input by name in, every output by name out, on the host. For
         validation (all positions' logits, every ``present.*``); generation uses :meth:`step`."""
 
+    # --- cache operations for continuous batching (engines.serving) --------------------------------------------
+    # A cache is 2 * n_layer arrays (B, H, P, D) whose past columns are right-aligned: row b's real tokens are its
+    # last columns, the attention mask says which. The defaults go through host memory; a backend whose cache lives
+    # on a device overrides them to keep it there.
+
+    def cache_to_host(self, cache: Any) -> list[np.ndarray]:
+        """The cache as numpy arrays (B, H, P, D)."""
+        raise NotImplementedError(f"{self.name} cannot move its KV cache to the host.")
+
+    def cache_from_host(self, arrays: list[np.ndarray]) -> Any:
+        """A cache of this backend holding ``arrays``."""
+        raise NotImplementedError(f"{self.name} cannot build a KV cache from host arrays.")
+
+    def merge_caches(self, first: Any, second: Any) -> Any:
+        """One cache with ``first``'s rows then ``second``'s. The shorter past is left-padded with zeros to the longer
+        one's length (the caller pads its attention mask the same way)."""
+        merged = []
+        for a, b in zip(self.cache_to_host(first), self.cache_to_host(second)):
+            length = max(a.shape[2], b.shape[2])
+            merged.append(np.concatenate([_left_pad_past(a, length), _left_pad_past(b, length)], axis=0))
+        return self.cache_from_host(merged)
+
+    def select_rows(self, cache: Any, rows: np.ndarray, start: int = 0) -> Any:
+        """The cache of ``rows`` (indices, in order) without its first ``start`` past columns."""
+        rows = np.asarray(rows, dtype=np.int64)
+        return self.cache_from_host([np.ascontiguousarray(a[rows, :, start:]) for a in self.cache_to_host(cache)])
+
     def describe(self) -> str:
         return self.name
+
+
+def _left_pad_past(array: np.ndarray, length: int) -> np.ndarray:
+    """(B, H, P, D) -> (B, H, length, D) with zero columns in front."""
+    missing = length - array.shape[2]
+    if missing == 0:
+        return array
+    pad = np.zeros(array.shape[:2] + (missing,) + array.shape[3:], dtype=array.dtype)
+    return np.concatenate([pad, array], axis=2)

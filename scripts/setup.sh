@@ -31,6 +31,6 @@ fi
 want=$(cat pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$want" ]; then
     echo "setup: installing gptmeg-deploy and its test dependencies into $VENV"
-    "${PIP[@]}" install -e ".[test,validate]"
+    "${PIP[@]}" install -e ".[test,validate,serve]"
     echo "$want" > "$STAMP"
 fi

@@ -92,6 +92,29 @@ class TrtDecoder(DecoderRuntime):
         logits = outputs["logits"][:, -1].float().cpu().numpy()
         return StepOutput(logits=logits, cache=[outputs[n] for n in self.spec.present_names()])
 
+    # The cache stays on the GPU when batches merge or lose rows (the host round trip would copy it twice).
+
+    def cache_to_host(self, cache) -> list[np.ndarray]:
+        return [tensor.cpu().numpy() for tensor in cache]
+
+    def cache_from_host(self, arrays: list[np.ndarray]):
+        return [self._device(array) for array in arrays]
+
+    def merge_caches(self, first, second):
+        torch, merged = self._torch, []
+        for a, b in zip(first, second):
+            length = max(a.shape[2], b.shape[2])
+            padded = []
+            for t in (a, b):
+                pad = torch.zeros(t.shape[:2] + (length - t.shape[2],) + t.shape[3:], dtype=t.dtype, device=t.device)
+                padded.append(torch.cat([pad, t], dim=2))
+            merged.append(torch.cat(padded, dim=0))
+        return merged
+
+    def select_rows(self, cache, rows, start: int = 0):
+        index = self._torch.as_tensor(np.asarray(rows, dtype=np.int64), device="cuda")
+        return [tensor.index_select(0, index)[:, :, start:].contiguous() for tensor in cache]
+
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         check_step_inputs(self.spec, feeds["input_ids"], feeds["attention_mask"], feeds.get("position_ids"),
                           np.shape(feeds[self.spec.past_names()[0]])[2])
