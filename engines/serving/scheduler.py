@@ -345,11 +345,11 @@ class Scheduler:
             elif row.generated >= row.budget:
                 text, reason = text + row.text.finish(), "length"
         row.finished = reason is not None
-        request.sink(Delta(row.index, text, reason))
+        self._send(request, Delta(row.index, text, reason))
         if row.finished:
             request._open -= 1
             if request._open == 0:
-                request.sink(Finished(request.prompt_tokens, request.completion_tokens))
+                self._send(request, Finished(request.prompt_tokens, request.completion_tokens))
                 self._end(request, "completed")
                 self.observe("latency", time.perf_counter() - request.received_at)
 
@@ -386,9 +386,17 @@ class Scheduler:
             row.finished = True
             request = row.request
             if not request._ended and not request.cancelled:
-                request.sink(Failed(message))
+                self._send(request, Failed(message))
             self._end(request, "cancelled" if request.cancelled else "failed")
         self._cancel_waiting_of({row.request for row in rows})
+
+    @staticmethod
+    def _send(request: Request, event: Event) -> None:
+        """Hand ``event`` to the request's sink; a sink that raises (its event loop closed) cancels the request."""
+        try:
+            request.sink(event)
+        except Exception:  # noqa: BLE001 - whoever listened is gone; the thread must go on
+            request.cancelled = True
 
     def _end(self, request: Request, outcome: str) -> None:
         """Count a request's outcome once: completed, cancelled or failed."""
@@ -409,7 +417,7 @@ class Scheduler:
         for row in rows:
             if not row.request._ended and not row.finished:
                 if not row.request.cancelled:
-                    row.request.sink(Failed(message))
+                    self._send(row.request, Failed(message))
                 self._end(row.request, "cancelled" if row.request.cancelled else "failed")
         self._waiting.clear()
         self.stats.waiting = self.stats.running = 0
