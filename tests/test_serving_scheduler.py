@@ -4,6 +4,7 @@ cancellation, a failing step and a full queue."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 
@@ -235,3 +236,44 @@ def test_a_full_queue_is_refused_and_a_stopped_scheduler_fails_what_it_held(expo
     assert not scheduler.alive
     _wait([held], timeout=5)
     assert isinstance(held.events[-1], Failed) and "shutting down" in held.events[-1].message
+
+
+class PaddedVocabulary:
+    """A runtime whose spec says the last 10 ids are a Megatron vocabulary's padding, and whose logits favour them."""
+
+    def __init__(self, runtime):
+        self._runtime = runtime
+        self.spec = dataclasses.replace(runtime.spec, emit_vocab_size=runtime.spec.vocab_size - 10)
+        self.name = runtime.name
+
+    def step(self, *args):
+        out = self._runtime.step(*args)
+        out.logits[:, self.spec.emit_vocab_size:] = 1e4
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self._runtime, name)
+
+
+def test_padding_rows_of_a_megatron_vocabulary_are_never_generated(export):
+    artifact, runtime = export
+    padded = PaddedVocabulary(runtime)
+    generated: set[int] = set()
+
+    def decode(ids):  # the scheduler decodes every generated id
+        generated.update(ids)
+        return artifact.tokenizer.decode(ids)
+
+    scheduler = Scheduler(padded, decode).start()
+    try:
+        greedy, sampled = Collector(), Collector()
+        scheduler.submit(Request([[5, 6]], ChoiceSettings(max_new_tokens=8, ignore_eos=True), greedy))
+        scheduler.submit(Request([[5, 6]], ChoiceSettings(max_new_tokens=8, ignore_eos=True, seed=1,
+                                                          sampling=SamplingSettings(do_sample=True)), sampled))
+        _wait([greedy, sampled])
+    finally:
+        scheduler.stop()
+    # the padding ids would win every step; what came out is what the unpadded model generates
+    assert greedy.texts() == [artifact.tokenizer.decode(_alone(runtime, [5, 6], 8))]
+    assert sampled.events[-1] == Finished(2, 8)
+    assert generated and max(generated) < padded.spec.emit_vocab_size
