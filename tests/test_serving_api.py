@@ -288,3 +288,9 @@ def test_health_is_503_when_the_scheduler_thread_is_dead(app_client):
     assert response.status_code == 503 and "not running" in response.json()["error"]["message"]
     assert client.post("/v1/completions", json={"prompt": "x"}).status_code == 503
     assert 'gptmeg:scheduler_alive 0.0' in client.get("/metrics").text
+
+
+def test_the_server_process_never_loads_torch(server, client):
+    client.completions.create(model=MODEL, prompt="x", max_tokens=2, temperature=0)  # every code path warmed
+    maps = open(f"/proc/{server.process.pid}/maps").read()
+    assert "libtorch" not in maps and "torch/_C" not in maps
