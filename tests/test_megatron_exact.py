@@ -16,6 +16,7 @@ from torch.nn import functional as F
 
 from gptmeg import GPTMegConfig, GPTMegLMHeadModel
 from gptmeg._compat import CACHE_FIELD
+from gptmeg.configuration_gptmeg import NUMERICS_PLANS
 from gptmeg.megatron_ops import DIVERGENCES, MEGATRON_SITES, gpt2_numerics
 
 N_LAYER, N_EMBD, N_HEAD, VOCAB, N_POS = 6, 48, 2, 64, 32
@@ -302,3 +303,50 @@ def test_softmax_in_fp32_alone_is_invisible_in_cpu_eager(capsys):
         print(f"\n[softmax_in_fp32 only] probabilities differing from the fp16 softmax: {probs} of "
               f"{sum(a.numel() for a in exact.attentions)}; logits: {_mismatch(exact.logits, ablated.logits)}")
     assert torch.isfinite(exact.logits).all()
+
+
+# --- python -m gptmeg.convert --numerics megatron-exact ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def synth():
+    import megatron_synth as ms
+
+    return ms, ms.Dims(), ms.canonical_weights(ms.Dims())  # 4 layers: pipe coefficients 1, 1, 2, 3
+
+
+def test_convert_sets_the_plan_from_the_checkpoint_args(synth, tmp_path):
+    from gptmeg.megatron import convert
+
+    ms, dims, weights = synth
+    pipe = convert(ms.write_deepspeed_pipe(tmp_path / "pipe", weights, dims), numerics="megatron-exact")
+    assert pipe.config.megatron_numerics == NUMERICS_PLANS["megatron-deepspeed-pipe"]
+    assert pipe.record["numerics_plan"] == "megatron-exact"
+    assert not any("apply_query_key_layer_scaling" in n for n in pipe.record["numerics_not_reproduced"])
+    sequential = convert(ms.write_megatron_lm(tmp_path / "lm", weights, dims,
+                                              args_overrides={"fp32_residual_connection": True}),
+                         numerics="megatron-exact")
+    assert sequential.config.megatron_numerics == {**NUMERICS_PLANS["megatron-lm"], "fp32_residual_connection": True}
+    plain = convert(tmp_path / "lm")
+    assert plain.config.megatron_numerics is None and plain.record["numerics_plan"] == "gptmeg"
+    unscaled = convert(ms.write_megatron_lm(tmp_path / "noscale", weights, dims, args_overrides={
+        "apply_query_key_layer_scaling": False, "attention_softmax_in_fp32": False, "bias_dropout_fusion": False}),
+        numerics="megatron-exact")
+    assert unscaled.config.megatron_numerics["query_key_layer_scaling"] is None
+    assert unscaled.config.megatron_numerics["bias_dropout_add_fusion"] is False
+    assert any("bias_dropout_fusion" in n for n in unscaled.notes)
+
+
+def test_convert_cli_numerics_flag(synth, tmp_path):
+    from tests.clitools import run_cli
+
+    ms, dims, weights = synth
+    src = ms.write_deepspeed_pipe(tmp_path / "ckpt", weights, dims)
+    result = run_cli("gptmeg.convert", src, tmp_path / "out", "--numerics", "megatron-exact")
+    assert result.returncode == 0, result.stderr
+    assert "numerics megatron-exact" in result.stderr
+    model = GPTMegLMHeadModel.from_pretrained(tmp_path / "out")
+    assert model.config.megatron_numerics["query_key_layer_scaling"] == "max(1,layer)"
+    assert [block.attn.coefficient for block in model.transformer.h] == [1, 1, 2, 3]
+    bad = run_cli("gptmeg.convert", src, tmp_path / "out2", "--numerics", "exact")
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr and "Traceback" not in bad.stderr
