@@ -34,6 +34,7 @@ PLANS = {
 def _config(plan, **overrides) -> GPTMegConfig:
     return GPTMegConfig(vocab_size=VOCAB, n_positions=N_POS, n_embd=N_EMBD, n_layer=N_LAYER, n_head=N_HEAD,
                         n_inner=2 * N_EMBD, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=PAD,
+                        bos_token_id=1, eos_token_id=1,
                         megatron_numerics=plan, **overrides)
 
 
@@ -350,3 +351,139 @@ def test_convert_cli_numerics_flag(synth, tmp_path):
     assert [block.attn.coefficient for block in model.transformer.h] == [1, 1, 2, 3]
     bad = run_cli("gptmeg.convert", src, tmp_path / "out2", "--numerics", "exact")
     assert bad.returncode == 2 and "invalid choice" in bad.stderr and "Traceback" not in bad.stderr
+
+
+# --- export: the megatron-exact sites survive into the fp16 graph ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def exact_exports(tmp_path_factory):
+    """fp16 exports (python -m export's export_model: precision plan checked, onnxruntime validated against eager
+    within its fp16 targets) of a megatron-lm model and of the fp32-residual plan, made once."""
+    from export import export_model
+
+    root = tmp_path_factory.mktemp("exact")
+    made = {}
+
+    def get(name: str):
+        if name not in made:
+            source = root / f"{name}-model"
+            _model(PLANS[name], dtype=torch.float32).save_pretrained(source)
+            made[name] = export_model(str(source), root / f"{name}-fp16", dtype="fp16")
+        return made[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", ["megatron-lm", "fp32-residual"])
+def test_exact_export_passes_the_checker_site_by_site(exact_exports, name, capsys):
+    import json
+
+    result = exact_exports(name)
+    contract = result.contract
+    assert contract.ok and contract.plan == "megatron-exact"
+    plan = PLANS[name] if isinstance(PLANS[name], dict) else NUMERICS_PLANS[name]
+    want = {"layernorm": 2 * N_LAYER + 1, "gelu": N_LAYER, "attention_score": N_LAYER,
+            "query_key_layer_scaling": N_LAYER, "softmax_in_fp32": N_LAYER, "bias_gelu_fusion": N_LAYER,
+            "bias_dropout_add_fusion": 2 * N_LAYER}
+    if plan["fp32_residual_connection"]:
+        want["fp32_residual_connection"] = 2 * N_LAYER
+    assert contract.counts == want
+    scaling = [s for s in contract.sites if s.kind == "query_key_layer_scaling"]
+    assert [s.scope for s in scaling] == [f"transformer.h.{i}.attn" for i in range(N_LAYER)]
+    assert [s.detail.split(":")[0] for s in scaling] == ["c=1"] + [f"c={c}" for c in range(2, N_LAYER + 1)]
+    manifest = json.loads(result.manifest.read_text())
+    assert manifest["numerics_plan"] == "megatron-exact"
+    assert manifest["precision_plan"]["plan"] == "megatron-exact"
+    assert manifest["config"]["megatron_numerics"] == plan
+    verification = result.verification
+    assert verification is not None and verification.ok  # python -m export's fp16 targets
+    logits = verification.output("logits")
+    assert logits.max_abs <= 0.02 * logits.reference_max and logits.top1 >= 0.99
+    with capsys.disabled():
+        print(f"\n[{name} export] {contract.summary()}\n  onnxruntime CPU vs eager fp16 over {logits.count} logits: "
+              f"max abs {logits.max_abs:.4f} (largest logit {logits.reference_max:.2f}), top-1 {logits.top1:.2%}")
+
+
+def _edited(result, tmp_path, edit):
+    """The export's graph with ``edit(model, producers)`` applied, checked against the export's own config."""
+    import onnx
+
+    from validate.graph_contract import check_graph_file
+
+    model = onnx.load(str(result.folder / "model.onnx"))
+    producers = {o: n for n in model.graph.node for o in n.output}
+    edit(model, producers)
+    path = tmp_path / "edited.onnx"
+    onnx.save(model, str(path))
+    import json
+
+    return check_graph_file(path, json.loads(result.manifest.read_text())["config"])
+
+
+def _bypass(model, node):
+    """Remove ``node`` (a Cast) and feed its input to its consumers."""
+    for consumer in model.graph.node:
+        for k, name in enumerate(consumer.input):
+            if name == node.output[0]:
+                consumer.input[k] = node.input[0]
+    model.graph.node.remove(node)
+
+
+def _cast(node, to):
+    return node.op_type == "Cast" and any(a.name == "to" and a.i == to for a in node.attribute)
+
+
+def test_a_lost_site_is_rejected_at_its_module(exact_exports, tmp_path):
+    from onnx import TensorProto
+
+    from export.precision_plan import module_scope
+
+    result = exact_exports("megatron-lm")
+
+    def drop_score_upcast(model, producers):  # layer 2: the fp16 scores go to Mul(c=3) without Cast(fp32)
+        softmax = [n for n in model.graph.node if n.op_type == "Softmax"][2]
+        node = producers[softmax.input[0]]
+        while not _cast(node, TensorProto.FLOAT):
+            node = producers[node.input[-1] if node.op_type == "Where" else node.input[0]]
+        _bypass(model, node)
+
+    report = _edited(result, tmp_path, drop_score_upcast)
+    broken = {(v.kind, v.scope) for v in report.violations}
+    assert ("query_key_layer_scaling", "transformer.h.2.attn") in broken
+    assert ("softmax_in_fp32", "transformer.h.2.attn") in broken
+    assert {scope for _, scope in broken} == {"transformer.h.2.attn"}
+
+    def drop_residual_rounding(model, producers):  # block 3's attention residual sum stays fp32
+        adds = [n for n in model.graph.node if n.op_type == "Add" and module_scope(n) == "transformer.h.3"]
+        node = next(n for n in model.graph.node if _cast(n, TensorProto.FLOAT16) and n.input[0] == adds[1].output[0])
+        _bypass(model, node)
+
+    report = _edited(result, tmp_path, drop_residual_rounding)
+    broken = {(v.kind, v.scope): v.detail for v in report.violations}
+    assert "not rounded to fp16" in broken[("bias_dropout_add_fusion", "transformer.h.3")]
+    assert {scope for _, scope in broken} <= {"transformer.h.3", "transformer.h.3.ln_2"}  # the LN reads fp32 too
+
+    def drop_gelu_bias_upcast(model, producers):  # block 4: the bias added to the fp16 GEMM output
+        add = next(n for n in model.graph.node if n.op_type == "Add" and module_scope(n) == "transformer.h.4.mlp")
+        cast = next(producers[x] for x in add.input if x in producers and _cast(producers[x], TensorProto.FLOAT)
+                    and producers[producers[x].input[0]].op_type in ("Reshape", "MatMul"))
+        _bypass(model, cast)
+
+    report = _edited(result, tmp_path, drop_gelu_bias_upcast)
+    kinds = {(v.kind, v.scope) for v in report.violations}
+    assert ("bias_gelu_fusion", "transformer.h.4.mlp") in kinds
+    assert {scope for _, scope in kinds} == {"transformer.h.4.mlp"}
+
+
+def test_gptmeg_plan_graph_is_not_a_megatron_exact_graph(tiny_exports):
+    """The built-in model's export (GPTMeg's plan) checked as if it were megatron-exact: every new site is missing
+    or broken, so a graph cannot pass for the wrong plan."""
+    from export.precision_plan import check_precision_plan, expected_sites
+
+    graph = tiny_exports("fp16").folder / "model.onnx"
+    report = check_precision_plan(graph, expected_sites(3, "gelu_fast", megatron_numerics=NUMERICS_PLANS["megatron-lm"],
+                                                        head_dim=24))
+    kinds = {v.kind for v in report.violations}
+    assert {"query_key_layer_scaling", "bias_gelu_fusion", "bias_dropout_add_fusion"} <= kinds
+    assert check_precision_plan(graph, expected_sites(3, "gelu_fast")).ok
