@@ -23,7 +23,7 @@ from .errors import ExportError
 from .onnx_export import DEFAULT_OPSET, MODEL_FILE, export_decoder
 from .opsets import check_opset, graph_opset
 from .tied_weights import count_large_initializers
-from .precision_plan import ContractReport, check_precision_plan, expected_sites
+from .precision_plan import ContractReport, check_precision_plan, expected_sites_of
 from safeio.staging import staged_directory
 from safeio.terminal import first_line
 from .verify import VerifyReport, verify_export
@@ -190,8 +190,7 @@ def export_model(
         if config.tie_word_embeddings and tied != 1:
             raise ExportError(f"the tied wte/lm_head matrix is stored {tied} times in the ONNX file (expected once).")
         with stage("checking the precision plan"):
-            contract = check_precision_plan(graph, expected_sites(config.n_layer, config.activation_function,
-                                                              scale_attn_weights=config.scale_attn_weights))
+            contract = check_precision_plan(graph, expected_sites_of(config))
             contract.path = MODEL_FILE  # relative to the export folder, not the staging folder
             if not contract.ok:
                 raise ContractBroken(contract)
@@ -225,6 +224,7 @@ def export_model(
                     "max_sequence": config.n_positions,
                 },
                 **io,
+                "numerics_plan": contract.plan,  # "gptmeg" or "megatron-exact" (config.megatron_numerics)
                 "precision_plan": contract.to_dict(),
                 "validation": verification.to_dict() if verification else None,
                 "versions": package_versions(),

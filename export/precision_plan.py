@@ -12,6 +12,22 @@ attention score ``MatMul`` in fp32, ``Mul(alpha)`` in fp32, then the single ``Ca
 anywhere        no fused attention op (SDPA), no ``Mul`` of a tensor by a constant zero
 =============== =========================================================================================
 
+A graph exported from a model with ``config.megatron_numerics`` (the "megatron-exact" plan) also carries, per site
+the plan turns on:
+
+======================== ===================================================================================
+site                     in the graph
+======================== ===================================================================================
+query_key_layer_scaling  ``Mul(alpha)`` with alpha = 1/(sqrt(d) c_i) before the score's single cast to fp16,
+                         then ``Cast(fp32) -> Mul(c_i)`` (none where c_i = 1)
+softmax_in_fp32          ``Cast(fp32)`` of the fp16 scores ``->`` mask ``Where(-10000)`` ``-> Softmax`` in fp32
+                         ``-> Cast(fp16)``
+bias_gelu_fusion         bias-free ``MatMul`` ``-> Cast(fp32) -> Add(bias fp32) ->`` the GELU island
+bias_dropout_add_fusion  bias-free ``MatMul`` ``-> Cast(fp32) -> Add(bias fp32) -> Add(fp32 residual)`` ``->``
+                         one ``Cast(fp16)`` (two per block)
+fp32_residual_connection the sum above stays fp32 and is the next LayerNorm's input (no cast in between)
+======================== ===================================================================================
+
 :func:`check_precision_plan` walks any ONNX graph, finds every site, and reports each one as data: intact or
 not, and why. It reads only the ONNX file, so it works on any export, ours or not.
 """
@@ -29,7 +45,10 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 __all__ = ["Site", "ContractReport", "ExpectedSites", "check_precision_plan", "expected_sites", "implied_sites",
-           "module_scope"]
+           "module_scope", "MEGATRON_SITE_KINDS", "expected_sites_of"]
+
+MEGATRON_SITE_KINDS = ("query_key_layer_scaling", "softmax_in_fp32", "bias_gelu_fusion", "bias_dropout_add_fusion",
+                       "fp32_residual_connection")  # = gptmeg.configuration_gptmeg.MEGATRON_NUMERICS_SITES
 
 FLOAT, FLOAT16, BFLOAT16 = TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16
 LOW_PRECISION = (FLOAT16, BFLOAT16)
@@ -67,6 +86,25 @@ class ExpectedSites:
     gelu: int | None  # None: the model has no Megatron GELU, so its activation is not part of the contract
     attention_score: int
     scaled_scores: bool = True  # False (scale_attn_weights=False): alpha may be 1, so a score needs no Mul(alpha)
+    megatron_numerics: dict | None = None  # the model's megatron-exact plan (None: GPTMeg's plan)
+    head_dim: int | None = None  # needed to check the layer-scaling alpha
+
+    @property
+    def plan(self) -> str:
+        return "gptmeg" if self.megatron_numerics is None else "megatron-exact"
+
+    def coefficients(self) -> list[int]:
+        from gptmeg.configuration_gptmeg import layer_coefficient
+
+        scheme = (self.megatron_numerics or {}).get("query_key_layer_scaling")
+        return [layer_coefficient(scheme, i) for i in range(self.attention_score)]
+
+    def megatron_counts(self) -> dict[str, int]:
+        """How many sites of each megatron-exact kind the plan puts in the graph."""
+        plan, n = self.megatron_numerics or {}, self.attention_score
+        per_site = {"query_key_layer_scaling": n, "softmax_in_fp32": n, "bias_gelu_fusion": n,
+                    "bias_dropout_add_fusion": 2 * n, "fp32_residual_connection": 2 * n}
+        return {kind: count for kind, count in per_site.items() if plan.get(kind)}
 
 
 @dataclass
@@ -87,8 +125,12 @@ class ContractReport:
             broken.append(Site("graph", -1, "-", False, "no LayerNorm, GELU or attention-score site found: this is "
                                                          "not a GPTMeg/GPT-2 graph, so nothing was proven"))
         if self.expected is not None:
-            for kind, want in asdict(self.expected).items():
-                if want is None or kind == "scaled_scores":
+            wanted = {k: v for k, v in asdict(self.expected).items()
+                      if k in ("layernorm", "gelu", "attention_score")}
+            if self.compute_dtype in ("float16", "bfloat16"):
+                wanted.update(self.expected.megatron_counts())
+            for kind, want in wanted.items():
+                if want is None:
                     continue
                 have = self.counts.get(kind, 0)
                 if have != want:
@@ -101,14 +143,21 @@ class ContractReport:
     def ok(self) -> bool:
         return not self.violations
 
+    @property
+    def plan(self) -> str:
+        """Which numerics plan was checked: "gptmeg" (the three divergences) or "megatron-exact"."""
+        return self.expected.plan if self.expected is not None else "gptmeg"
+
     def summary(self) -> str:
         counts = ", ".join(f"{k}: {v}" for k, v in sorted(self.counts.items())) or "no sites"
         state = "intact" if self.ok else f"BROKEN ({len(self.violations)} violation(s))"
-        return f"precision plan {state} - {self.compute_dtype} graph, {counts}"
+        return f"precision plan ({self.plan}) {state} - {self.compute_dtype} graph, {counts}"
 
     def to_dict(self) -> dict:
         return {
             "path": self.path,
+            "plan": self.plan,
+            "megatron_numerics": self.expected.megatron_numerics if self.expected is not None else None,
             "compute_dtype": self.compute_dtype,
             "ok": self.ok,
             "counts": self.counts,
@@ -119,18 +168,33 @@ class ContractReport:
 
 
 def expected_sites(
-    n_layer: int, activation_function: str, *, scale_attn_weights: bool = True
+    n_layer: int, activation_function: str, *, scale_attn_weights: bool = True,
+    megatron_numerics: dict | None = None, head_dim: int | None = None,
 ) -> ExpectedSites:
     """The sites a GPTMeg export of ``n_layer`` blocks has: 2 LayerNorms per block + the final one, a Megatron
     GELU per block (only when the activation is "gelu_fast"; other activations, e.g. GPT-2's "gelu_new", keep
     transformers' half-precision semantics and are not checked), an attention score per block. Without
-    ``scale_attn_weights`` (a GPT-2 option) alpha is 1 and the exporter drops the multiplication by it."""
+    ``scale_attn_weights`` (a GPT-2 option) alpha is 1 and the exporter drops the multiplication by it. With the
+    model's ``megatron_numerics`` plan (and its ``head_dim``, for the layer-scaling alpha) the megatron-exact sites
+    are expected too."""
     return ExpectedSites(
         layernorm=2 * n_layer + 1,
         gelu=n_layer if activation_function == "gelu_fast" else None,
         attention_score=n_layer,
         scaled_scores=bool(scale_attn_weights),
+        megatron_numerics=megatron_numerics,
+        head_dim=head_dim,
     )
+
+
+def expected_sites_of(config) -> ExpectedSites:
+    """:func:`expected_sites` for a GPTMeg/GPT-2 config object (or a dict of its fields)."""
+    get = config.get if isinstance(config, dict) else (lambda key, default=None: getattr(config, key, default))
+    n_layer, n_embd, n_head = get("n_layer"), get("n_embd"), get("n_head")
+    return expected_sites(n_layer, get("activation_function", "gelu_new"),
+                          scale_attn_weights=get("scale_attn_weights", True),
+                          megatron_numerics=get("megatron_numerics"),
+                          head_dim=n_embd // n_head if n_embd and n_head else None)
 
 
 def implied_sites(model: onnx.ModelProto) -> ExpectedSites | None:
@@ -240,7 +304,7 @@ def _graph_compute_dtype(g: _Graph, model: onnx.ModelProto) -> int:
 # --- site finders ----------------------------------------------------------------------------------------------
 
 
-def _layernorm_sites(g: _Graph, low: bool) -> Iterable[Site]:
+def _layernorm_sites(g: _Graph, low: bool, fp32_stream: bool = False) -> Iterable[Site]:
     for i, node in enumerate(n for n in g.nodes if n.op_type in LAYERNORM_OPS):
         x = node.input[0]
         # SkipLayerNormalization(input, skip, gamma, beta, bias): the residual add is fused in
@@ -258,7 +322,8 @@ def _layernorm_sites(g: _Graph, low: bool) -> Iterable[Site]:
         if g.dtype(scale) != FLOAT or (bias is not None and g.dtype(bias) != FLOAT):
             problems.append("scale/bias not fp32")
         if low:
-            if g.source_dtype(x) not in LOW_PRECISION:
+            stream = fp32_stream and (g.producer.get(x) is None or g.producer[x].op_type != "Cast")
+            if g.source_dtype(x) not in LOW_PRECISION and not stream:
                 problems.append("input is not a Cast(fp32) of the fp16 activation")
             if not any(_attr(c, "to") in LOW_PRECISION for c in g.cast_consumers(node.output[0])):
                 problems.append("output is not cast back to fp16")
@@ -341,7 +406,8 @@ def _score_matmul(g: _Graph, softmax: onnx.NodeProto) -> tuple[onnx.NodeProto | 
         path.append(node)
         if node.op_type in ("Add", "Mul", "Div", "Sub", "Where"):
             # follow the operand that is not a constant or a mask (masks come from Where / graph inputs)
-            candidates = [x for x in node.input if x and not g.is_constant(x)]
+            operands = node.input[1:] if node.op_type == "Where" else node.input  # Where's condition is the mask
+            candidates = [x for x in operands if x and not g.is_constant(x)]
             candidates = [x for x in candidates if g.producer.get(x) is not None and g.producer[x].op_type != "Where"]
             if not candidates:
                 return None, path
@@ -438,5 +504,200 @@ def check_precision_plan(
     low = compute in LOW_PRECISION
     gelu_sites = list(_gelu_sites(g, low)) if check_gelu else []
     scale_required = expected is None or expected.scaled_scores
-    sites = [*_layernorm_sites(g, low), *gelu_sites, *_attention_sites(g, low, scale_required), *_graph_wide_sites(g)]
+    plan = (expected.megatron_numerics if expected is not None else None) or {}
+    sites = [*_layernorm_sites(g, low, bool(plan.get("fp32_residual_connection"))), *gelu_sites,
+             *_attention_sites(g, low, scale_required), *_graph_wide_sites(g)]
+    if plan and low:
+        sites += _megatron_sites(g, expected)
     return ContractReport(path=path, compute_dtype=_name(compute), sites=sites, expected=expected)
+
+
+# --- the megatron-exact sites (fp16/bf16 graphs of a model with config.megatron_numerics) -------------------------
+
+
+def _skip_pass_through(g: _Graph, name: str) -> onnx.NodeProto | None:
+    """The producer of ``name``, looking through reshapes/transposes."""
+    node = g.producer.get(name)
+    while node is not None and node.op_type in _PASS_THROUGH:
+        node = g.producer.get(node.input[0])
+    return node
+
+
+def _constant_like(g: _Graph, name: str) -> bool:
+    """A constant, or a Cast / reshape of one (a bias upcast to fp32)."""
+    node = g.producer.get(name)
+    while node is not None and (node.op_type == "Cast" or node.op_type in _PASS_THROUGH):
+        name = node.input[0]
+        node = g.producer.get(name)
+    return g.is_constant(name)
+
+
+def _fp32_of_bias(g: _Graph, name: str) -> bool:
+    return _constant_like(g, name) and g.dtype(name) == FLOAT
+
+
+def _bias_add_problems(g: _Graph, add: onnx.NodeProto) -> list[str]:
+    """``add`` must be ``Cast(fp32)(bias-free MatMul) + bias`` in fp32."""
+    problems = []
+    data = [x for x in add.input if not _constant_like(g, x)]
+    bias = [x for x in add.input if _constant_like(g, x)]
+    if len(data) != 1 or len(bias) != 1:
+        return ["no bias Add of the bias-free GEMM output"]
+    if not _fp32_of_bias(g, bias[0]):
+        problems.append(f"bias added in {_name(g.dtype(bias[0]))}, not fp32")
+    cast = _skip_pass_through(g, data[0])
+    if cast is None or cast.op_type != "Cast" or _attr(cast, "to") != FLOAT:
+        problems.append("the GEMM output is not Cast to fp32 before the bias add (bias added in fp16)")
+    else:
+        gemm = _skip_pass_through(g, cast.input[0])
+        if gemm is None or gemm.op_type not in ("MatMul", "Gemm") or (gemm.op_type == "Gemm" and len(gemm.input) > 2):
+            problems.append("the fp32 bias add does not take a bias-free GEMM output (bias rounded with the GEMM)")
+    return problems
+
+
+def _megatron_sites(g: _Graph, expected: ExpectedSites) -> list[Site]:
+    plan = expected.megatron_numerics
+    sites: list[Site] = []
+    if plan.get("query_key_layer_scaling") or plan.get("softmax_in_fp32"):
+        sites += _megatron_softmax_sites(g, expected)
+    if plan.get("bias_gelu_fusion"):
+        sites += _bias_gelu_sites(g)
+    if plan.get("bias_dropout_add_fusion") or plan.get("fp32_residual_connection"):
+        sites += _residual_sites(g, plan)
+    return sites
+
+
+def _megatron_softmax_sites(g: _Graph, expected: ExpectedSites) -> Iterable[Site]:
+    plan = expected.megatron_numerics
+    coefficients = expected.coefficients()
+    attention = [(s, *_score_matmul(g, s)) for s in g.nodes if s.op_type == "Softmax"]
+    attention = [(s, m, p) for s, m, p in attention if m is not None]
+    for i, (softmax, matmul, path) in enumerate(attention):
+        scope = module_scope(matmul)
+        after = list(reversed(path))  # from the score MatMul to the Softmax
+        down = [k for k, n in enumerate(after) if n.op_type == "Cast" and _attr(n, "to") in LOW_PRECISION]
+        tail = after[down[0] + 1:] if down else after
+        up = next((k for k, n in enumerate(tail) if n.op_type == "Cast" and _attr(n, "to") == FLOAT), None)
+        math_ops = [(k, n) for k, n in enumerate(tail) if n.op_type in ("Mul", "Where", "Add", "Sub", "Div")]
+        if plan.get("softmax_in_fp32"):
+            problems = []
+            if g.dtype(softmax.output[0]) != FLOAT:
+                problems.append(f"Softmax computes in {_name(g.dtype(softmax.output[0]))}")
+            if up is None:
+                problems.append("the rounded scores are not Cast to fp32 before the softmax")
+            elif any(k < up for k, _ in math_ops):
+                problems.append("scale or mask applied to the fp16 scores before the Cast to fp32")
+            wheres = [n for _, n in math_ops if n.op_type == "Where"]
+            fill = _scalar_constant(g, wheres[0].input[1:]) if wheres else None
+            if fill != -10000.0:
+                problems.append("mask is not Megatron's fill with -10000 in fp32" if not wheres
+                                else f"mask fills {fill}, not -10000")
+            target, _ = _forward_to_cast(g, softmax.output[0])
+            if target not in LOW_PRECISION:
+                problems.append("probabilities are not cast back to fp16 once")
+            yield Site("softmax_in_fp32", i, softmax.name or softmax.output[0], not problems,
+                       "; ".join(problems) or "fp32 mask (-10000) and softmax, one cast", scope)
+        if plan.get("query_key_layer_scaling"):
+            problems = []
+            c = coefficients[i] if i < len(coefficients) else None
+            if c is None:
+                problems.append("more attention sites than layers")
+            else:
+                first_mul = next((n for n in after[: down[0] if down else len(after)] if n.op_type == "Mul"), None)
+                alpha = _scalar_constant(g, first_mul.input) if first_mul is not None else None
+                if expected.head_dim and (alpha is None or
+                                          abs(alpha * expected.head_dim ** 0.5 * c - 1.0) > 1e-6):
+                    problems.append(f"score alpha {alpha} is not 1/(sqrt({expected.head_dim}) * {c})")
+                muls = [(k, n) for k, n in math_ops if n.op_type == "Mul"]
+                factors = [_scalar_constant(g, n.input) for _, n in muls]
+                if c != 1:
+                    if c not in factors:
+                        problems.append(f"no Mul by the coefficient c={c} after the rounding")
+                    elif up is None or muls[factors.index(c)][0] < up:
+                        problems.append(f"c={c} multiplied in fp16 (two roundings)")
+            sites_detail = f"c={c}: scores rounded at 1/(sqrt(d) c), times c in fp32" if c != 1 else "c=1"
+            yield Site("query_key_layer_scaling", i, matmul.name or matmul.output[0], not problems,
+                       "; ".join(problems) or sites_detail, scope)
+
+
+def _bias_gelu_sites(g: _Graph) -> Iterable[Site]:
+    for i, tanh in enumerate(n for n in g.nodes if n.op_type == "Tanh"):
+        seen, stack, adds, entering = set(), [tanh.input[0]], [], []
+        while stack and len(seen) < 24:  # the fp32 region before the tanh, up to its Casts
+            name = stack.pop()
+            if name in seen or _constant_like(g, name):
+                continue
+            seen.add(name)
+            node = g.producer.get(name)
+            if node is None:
+                continue
+            if node.op_type == "Cast":
+                entering.append(node)
+                continue
+            if node.op_type == "Add":
+                adds.append(node)
+            if node.op_type in ("MatMul", "Gemm"):
+                entering.append(node)
+                continue
+            stack.extend(node.input)
+        bias_adds = [a for a in adds if any(_constant_like(g, x) for x in a.input)
+                     and any(not _constant_like(g, x) for x in a.input)
+                     and any(_skip_pass_through(g, x) is not None and _skip_pass_through(g, x).op_type in
+                             ("Cast", "MatMul", "Gemm") for x in a.input)]
+        if bias_adds:
+            problems = _bias_add_problems(g, bias_adds[-1])
+        else:
+            problems = ["no fp32 bias Add before the GELU (bias added in the fp16 GEMM, rounded with it)"]
+        yield Site("bias_gelu_fusion", i, tanh.name or tanh.output[0], not problems,
+                   "; ".join(problems) or "bias-free GEMM, Cast(fp32), bias added in the fp32 GELU island",
+                   module_scope(tanh))
+
+
+def _residual_sites(g: _Graph, plan: dict) -> Iterable[Site]:
+    """One site per residual add (two per block), found from the LayerNorm it feeds (every LayerNorm after the
+    first reads the stream right after a residual add)."""
+    norms = [n for n in g.nodes if n.op_type in LAYERNORM_OPS][1:]
+    for i, norm in enumerate(norms):
+        x = norm.input[0]
+        node, rounded = g.producer.get(x), False
+        if node is not None and node.op_type == "Cast":
+            inner = _skip_pass_through(g, node.input[0])
+            if inner is not None and inner.op_type == "Cast" and _attr(inner, "to") in LOW_PRECISION:
+                rounded, add = True, _skip_pass_through(g, inner.input[0])
+            else:
+                add = inner
+        else:
+            add = _skip_pass_through(g, x)
+        if add is None or add.op_type != "Add":
+            problem = f"no residual Add before LayerNorm {norm.name or norm.output[0]}"
+            for kind in ("bias_dropout_add_fusion", "fp32_residual_connection"):
+                if plan.get(kind):
+                    yield Site(kind, i, norm.name or norm.output[0], False, problem, module_scope(norm))
+            continue
+        scope = module_scope(add)
+        if plan.get("bias_dropout_add_fusion"):
+            problems = []
+            branches = [_skip_pass_through(g, x) for x in add.input]
+            bias_adds = [b for b in branches if b is not None and b.op_type == "Add"
+                         and any(_constant_like(g, y) for y in b.input)]
+            if not bias_adds:
+                problems.append("no fp32 bias Add feeding the residual add (bias rounded with the GEMM)")
+            else:
+                problems += _bias_add_problems(g, bias_adds[0])
+                residual = [x for x, b in zip(add.input, branches) if b is not bias_adds[0]]
+                if residual and g.dtype(residual[0]) != FLOAT:
+                    problems.append(f"residual added in {_name(g.dtype(residual[0]))}, not fp32")
+            if g.dtype(add.output[0]) not in (FLOAT, None):
+                problems.append(f"residual add computes in {_name(g.dtype(add.output[0]))}")
+            if not plan.get("fp32_residual_connection") and not rounded:
+                problems.append("the fused sum is not rounded to fp16 before the next LayerNorm")
+            yield Site("bias_dropout_add_fusion", i, add.name or add.output[0], not problems,
+                       "; ".join(problems) or "residual + (Cast(fp32)(x W) + b) in fp32, one rounding", scope)
+        if plan.get("fp32_residual_connection"):
+            problems = []
+            if rounded:
+                problems.append("the residual stream is rounded to fp16 after the add")
+            if g.dtype(add.output[0]) not in (FLOAT, None):
+                problems.append(f"residual add computes in {_name(g.dtype(add.output[0]))}")
+            yield Site("fp32_residual_connection", i, add.name or add.output[0], not problems,
+                       "; ".join(problems) or "fp32 residual stream read by the LayerNorm", scope)

@@ -42,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "Megatron-DeepSpeed after its 2024-12 FPDT change), per-head-hn3 [heads,d,3] (1.0)")
     parser.add_argument("--tp-replicated", choices=["first", "average"], default="first",
                         help="replicated tensors that differ across TP ranks: rank 0's copy or the mean")
+    parser.add_argument("--numerics", choices=["gptmeg", "megatron-exact"], default="gptmeg",
+                        help="fp16 numerics plan of the converted model: gptmeg (GPTMeg's three divergences, the "
+                             "default) or megatron-exact (also Megatron's query-key layer scaling with the "
+                             "checkpoint's coefficient scheme, fp32 softmax, fused bias adds and fp32 residuals, as "
+                             "its args record them; config field megatron_numerics)")
     parser.add_argument("--force", action="store_true", help="replace OUT if it is an earlier conversion")
     return parser
 
@@ -63,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         with termination_as_interrupt(), console.status("converting") as status:
             conversion = convert(src, iteration=args.iteration, tokenizer_dir=args.tokenizer, lazy=True,
                                  trim_vocab=args.trim_vocab, qkv_layout=args.qkv_layout,
-                                 tp_replicated=args.tp_replicated, progress=status.update)
+                                 tp_replicated=args.tp_replicated, progress=status.update,
+                                 numerics=args.numerics)
             status.update(f"writing {out}")
             save_conversion(conversion, out, force=args.force, protected=[src])
     except (CheckpointError, OutputExistsError, OutputNotWritableError) as error:
@@ -81,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                          f"{record['pipeline_parallel']}: {conversion.config.n_layer} layers, width "
                          f"{conversion.config.n_embd}, {record['vocab_rows_kept']} vocabulary rows "
                          f"(original {record['original_vocab_size']}), activation "
-                         f"{conversion.config.activation_function}")
+                         f"{conversion.config.activation_function}, numerics {record['numerics_plan']}")
     for note in conversion.notes:
         print_plain(console, f"note: {note}", style="yellow")
     if conversion.tokenizer is None:

@@ -9,6 +9,10 @@ three sites, marked ``# DIVERGENCE`` below and implemented in :mod:`gptmeg.megat
 
 Softmax, masking (transformers' eager additive mask, causal + padding), residuals, dropout and the heads follow
 GPT-2's eager path. Shapes: B batch, T new tokens, P cached tokens, H heads, D head_dim, E = H * D.
+
+Opt-in (``config.megatron_numerics``, the "megatron-exact" plan), marked ``# MEGATRON-EXACT``: query-key layer
+scaling and the fp32 softmax (``megatron_attention_probs``), the bias fused into the GELU (``bias_gelu``) and into
+the residual add (``bias_dropout_add``), and the fp32 residual stream. Without it none of these paths runs.
 """
 
 from __future__ import annotations
@@ -37,8 +41,18 @@ from transformers.pytorch_utils import Conv1D
 from transformers.utils import ModelOutput
 
 from ._compat import CACHE_FIELD, deprecated_past_key_values, pick_cache
-from .configuration_gptmeg import MEGATRON_GELU, GPTMegConfig
-from .megatron_ops import MegatronGELU, MegatronLayerNorm, attention_scores, is_exporting
+from .configuration_gptmeg import MEGATRON_GELU, GPTMegConfig, layer_coefficient
+from .megatron_ops import (
+    MegatronGELU,
+    MegatronLayerNorm,
+    attention_scores,
+    bias_dropout_add,
+    bias_gelu,
+    is_exporting,
+    matmul_skip_bias,
+    megatron_attention_probs,
+    site_active,
+)
 from .parallel import DeviceMap, balanced_device_map, check_device_map
 
 __all__ = [
@@ -78,6 +92,18 @@ class GPTMegAttention(nn.Module):
         self.c_proj = Conv1D(self.embed_dim, self.embed_dim)
         self.attn_dropout = nn.Dropout(config.attn_pdrop)
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
+        # MEGATRON-EXACT (opt-in): the layer's scaling coefficient, the fp32 softmax, c_proj's bias left to the block
+        plan = config.megatron_numerics or {}
+        self.coefficient = layer_coefficient(plan.get("query_key_layer_scaling"), layer_idx)
+        self.megatron_softmax = bool(plan.get("query_key_layer_scaling") or plan.get("softmax_in_fp32"))
+        self.softmax_in_fp32 = bool(plan.get("softmax_in_fp32"))
+        self.skip_bias_add = bool(plan.get("bias_dropout_add_fusion"))
+
+    def _megatron_probs(self, query, key, attention_mask) -> torch.Tensor:
+        # MEGATRON-EXACT 4: scores rounded at alpha = 1/(sqrt(D) c), then * c, mask (-10000) and softmax in fp32
+        c = self.coefficient if site_active("query_key_layer_scaling") else 1
+        scores = attention_scores(query, key, 1.0 / (math.sqrt(self.head_dim) * c))  # (B, H, T, P+T)
+        return megatron_attention_probs(scores, attention_mask, c, self.softmax_in_fp32)
 
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.view(*x.shape[:-1], self.num_heads, self.head_dim).transpose(1, 2)  # (B, T, E) -> (B, H, T, D)
@@ -93,15 +119,20 @@ class GPTMegAttention(nn.Module):
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)  # (B, H, P+T, D)
 
-        # DIVERGENCE 3: scores = baddbmm(0, Q, K^T, beta=0, alpha) - scaled on the accumulator, rounded once.
-        scores = attention_scores(query, key, self.alpha)  # (B, H, T, P+T)
-        if attention_mask is not None:
-            scores = scores + attention_mask
-        probs = nn.functional.softmax(scores, dim=-1).type(value.dtype)
+        if self.megatron_softmax:
+            probs = self._megatron_probs(query, key, attention_mask)
+        else:
+            # DIVERGENCE 3: scores = baddbmm(0, Q, K^T, beta=0, alpha) - scaled on the accumulator, rounded once.
+            scores = attention_scores(query, key, self.alpha)  # (B, H, T, P+T)
+            if attention_mask is not None:
+                scores = scores + attention_mask
+            probs = nn.functional.softmax(scores, dim=-1).type(value.dtype)
         probs = self.attn_dropout(probs)
 
         context = torch.matmul(probs, value)  # (B, H, T, D)
         context = context.transpose(1, 2).reshape(*hidden_states.shape[:-1], self.embed_dim).contiguous()
+        if site_active("bias_dropout_add_fusion", self.skip_bias_add):
+            return matmul_skip_bias(context, self.c_proj), probs  # MEGATRON-EXACT 6: bias added by the block
         return self.resid_dropout(self.c_proj(context)), probs
 
 
@@ -112,9 +143,24 @@ class GPTMegMLP(nn.Module):
         self.c_proj = Conv1D(config.n_embd, intermediate_size)
         self.act = build_activation(config.activation_function)
         self.dropout = nn.Dropout(config.resid_pdrop)
+        plan = config.megatron_numerics or {}
+        self.bias_gelu_fusion = bool(plan.get("bias_gelu_fusion"))
+        self.skip_bias_add = bool(plan.get("bias_dropout_add_fusion"))
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.bias_gelu_fusion or self.skip_bias_add:
+            return self._megatron_forward(hidden_states)
         return self.dropout(self.c_proj(self.act(self.c_fc(hidden_states))))
+
+    def _megatron_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if site_active("bias_gelu_fusion", self.bias_gelu_fusion):
+            # MEGATRON-EXACT 5: c_fc skips its bias; GELU(fp32(x W) + fp32(b)) in fp32, one rounding
+            hidden_states = bias_gelu(matmul_skip_bias(hidden_states, self.c_fc), self.c_fc.bias)
+        else:
+            hidden_states = self.act(self.c_fc(hidden_states))
+        if site_active("bias_dropout_add_fusion", self.skip_bias_add):
+            return matmul_skip_bias(hidden_states, self.c_proj)  # MEGATRON-EXACT 6: bias added by the block
+        return self.dropout(self.c_proj(hidden_states))
 
 
 class GPTMegBlock(nn.Module):
@@ -126,13 +172,32 @@ class GPTMegBlock(nn.Module):
         self.attn = GPTMegAttention(config, layer_idx=layer_idx)
         self.ln_2 = MegatronLayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = GPTMegMLP(inner_dim, config)
+        plan = config.megatron_numerics or {}
+        self.fused_residual_add = bool(plan.get("bias_dropout_add_fusion"))
 
     def forward(
         self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, cache: Cache | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.fused_residual_add:
+            return self._megatron_forward(hidden_states, attention_mask, cache)
         attn_output, attn_probs = self.attn(self.ln_1(hidden_states), attention_mask, cache)
         hidden_states = hidden_states + attn_output
         hidden_states = hidden_states + self.mlp(self.ln_2(hidden_states))
+        return hidden_states, attn_probs
+
+    def _megatron_forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, cache: Cache | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # MEGATRON-EXACT 6: c_proj outputs come without their bias; residual + dropout(x W + b) in fp32, one rounding
+        fused = site_active("bias_dropout_add_fusion")
+        attn_output, attn_probs = self.attn(self.ln_1(hidden_states), attention_mask, cache)
+        hidden_states = (bias_dropout_add(attn_output, self.attn.c_proj.bias, hidden_states,
+                                          self.attn.resid_dropout.p, self.training)
+                         if fused else hidden_states + attn_output)
+        mlp_output = self.mlp(self.ln_2(hidden_states))
+        hidden_states = (bias_dropout_add(mlp_output, self.mlp.c_proj.bias, hidden_states, self.mlp.dropout.p,
+                                          self.training)
+                         if fused else hidden_states + mlp_output)
         return hidden_states, attn_probs
 
 
@@ -212,6 +277,7 @@ class GPTMegModel(GPTMegPreTrainedModel):
         self.drop = nn.Dropout(config.embd_pdrop)
         self.h = nn.ModuleList([GPTMegBlock(config, layer_idx=i) for i in range(config.n_layer)])
         self.ln_f = MegatronLayerNorm(self.embed_dim, eps=config.layer_norm_epsilon)  # DIVERGENCE 1
+        self.fp32_residual = bool((config.megatron_numerics or {}).get("fp32_residual_connection"))
 
         self.model_parallel = False
         self.device_map: DeviceMap | None = None
@@ -320,6 +386,8 @@ class GPTMegModel(GPTMegPreTrainedModel):
         if token_type_ids is not None:
             hidden_states = hidden_states + self.wte(token_type_ids.view(-1, seq_len))
         hidden_states = self.drop(hidden_states)
+        if site_active("fp32_residual_connection", self.fp32_residual):
+            hidden_states = hidden_states.float()  # MEGATRON-EXACT: the residual stream stays fp32 (LayerNorms round)
 
         if attention_mask is not None and attention_mask.ndim < 4:
             attention_mask = attention_mask.view(batch_size, -1)

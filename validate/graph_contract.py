@@ -13,7 +13,7 @@ from pathlib import Path
 import onnx
 
 from export.manifest import MANIFEST_NAME
-from export.precision_plan import ContractReport, check_precision_plan, expected_sites
+from export.precision_plan import ContractReport, check_precision_plan, expected_sites_of
 
 __all__ = ["check_graph_file", "GraphFileError"]
 
@@ -45,8 +45,14 @@ def check_graph_file(path: str | Path, config: dict | None = None) -> ContractRe
             raise GraphFileError(f"{manifest} beside the graph is damaged ({type(error).__name__}: {error}); fix or "
                                  "remove it, or pass the .onnx file from another folder.") from None
     if isinstance(config, dict) and isinstance(config.get("n_layer"), int):
-        expected = expected_sites(config["n_layer"], config.get("activation_function", "gelu_fast"),
-                                  scale_attn_weights=config.get("scale_attn_weights", True))
+        from gptmeg.configuration_gptmeg import normalize_megatron_numerics
+
+        activation = config.get("activation_function", "gelu_fast")
+        try:
+            plan = normalize_megatron_numerics(config.get("megatron_numerics"), activation)
+        except ValueError as error:
+            raise GraphFileError(f"the config's megatron_numerics is not a numerics plan: {error}") from None
+        expected = expected_sites_of({**config, "activation_function": activation, "megatron_numerics": plan})
     report = check_precision_plan(model, expected)
     report.path = str(path)
     return report

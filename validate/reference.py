@@ -48,7 +48,7 @@ def load_reference(manifest: dict, reference: str, model_dir: str | None = None)
                 f"cannot load the eager reference from {source!r} ({error}). Pass the checkpoint with --model DIR."
             ) from None
     exported = manifest.get("config", {})
-    for key in ("n_layer", "n_embd", "n_head", "vocab_size"):
+    for key in ("n_layer", "n_embd", "n_head", "vocab_size", "megatron_numerics"):
         if key in exported and getattr(model.config, key) != exported[key]:
             raise ValidateError(
                 f"the reference model's {key} is {getattr(model.config, key)} but the export's is {exported[key]}: "

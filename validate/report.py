@@ -45,6 +45,9 @@ def markdown(report: ParityReport) -> str:
         *([f"- **changed since export** (sha256 differs from the manifest): {', '.join(report.changed_files)}"]
           if report.changed_files else []),
         f"- reference: eager GPTMeg, {report.reference}",
+        f"- numerics plan checked: {report.contract.plan}"
+        + (" (" + ", ".join(k for k, v in (report.contract.expected.megatron_numerics or {}).items() if v) + ")"
+           if report.contract.plan != "gptmeg" else " (the three divergences)"),
         f"- graph contract: {report.contract.summary()}",
         "",
         "## Outputs",

@@ -15,7 +15,7 @@ from safeio.digest import sha256_file
 from ..configuration_gptmeg import GPTMegConfig
 from ..loading import has_tokenizer_files, load_tokenizer_files
 from .errors import MegatronCheckpointError
-from .hparams import activation_of, model_shape, numerics_flags
+from .hparams import NUMERICS_CHOICES, activation_of, megatron_exact_plan, model_shape, numerics_flags
 from .layouts import find_source, open_reader
 from .merge import QKV_LAYOUTS, Merger, qkv_layout_for_version
 from .stream_writer import SafetensorsStreamWriter
@@ -103,6 +103,7 @@ def convert(
     tp_replicated: str = "first",
     progress=None,
     lazy: bool = False,
+    numerics: str = "gptmeg",
 ) -> Conversion:
     """Read a Megatron-LM / Megatron-DeepSpeed checkpoint and build the GPTMeg config and state dict.
 
@@ -111,8 +112,12 @@ def convert(
     rank 0's copy of replicated tensors ("first") or their mean ("average"); ``trim_vocab`` drops the rows Megatron
     padded the vocabulary with. ``progress(text)`` is called as each stage starts. With ``lazy`` the blocks are
     merged only as :meth:`Conversion.tensors` is iterated (what the folder writer does, to hold one block at a
-    time); otherwise everything is merged before returning.
+    time); otherwise everything is merged before returning. ``numerics="megatron-exact"`` sets the config's
+    ``megatron_numerics`` plan from the checkpoint's recorded flags (see hparams.megatron_exact_plan); the default
+    "gptmeg" keeps GPTMeg's three divergences only.
     """
+    if numerics not in NUMERICS_CHOICES:
+        raise MegatronCheckpointError(f"unknown --numerics {numerics!r}: choose {' or '.join(NUMERICS_CHOICES)}.")
     if qkv_layout not in QKV_LAYOUTS:
         raise MegatronCheckpointError(f"unknown --qkv-layout {qkv_layout!r}: choose one of {', '.join(QKV_LAYOUTS)}.")
     if tp_replicated not in ("first", "average"):
@@ -163,7 +168,10 @@ def convert(
         wte = wte[:original].clone()
         state["transformer.wte.weight"] = wte
     kept_rows = wte.shape[0]
-    flags, numerics_notes = numerics_flags(args, reader.pipe_model, shape.tp)
+    flags, numerics_notes = numerics_flags(args, reader.pipe_model, shape.tp, numerics)
+    plan = megatron_exact_plan(flags) if numerics == "megatron-exact" else None
+    if plan is not None and activation_of(args) != "gelu_fast":
+        plan["bias_gelu_fusion"] = False  # no fused GELU in this run (bias_gelu_fusion off)
 
     eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
     if eos is None and getattr(args, "tokenizer_type", None) == "GPT2BPETokenizer" and _GPT2_EOS < kept_rows:
@@ -193,6 +201,7 @@ def convert(
         tie_word_embeddings=True,
         dtype=shape.dtype,
         megatron=megatron,
+        megatron_numerics=plan,
     )
     record = {
         "format": CONVERSION_FORMAT,
@@ -213,6 +222,8 @@ def convert(
         "dtype": str(wte.dtype).removeprefix("torch.") if dtype is None else shape.dtype,
         "activation_function": config.activation_function,
         "numerics": flags,
+        "numerics_plan": numerics,
+        "megatron_numerics": plan,
         "numerics_not_reproduced": numerics_notes,
         "replicated_drift": merger.drift,
         "notes": notes,

@@ -12,7 +12,10 @@ from typing import Any
 from .errors import MegatronCheckpointError
 from .unpickle import Stub
 
-__all__ = ["ModelShape", "model_shape", "numerics_flags", "activation_of", "unsupported_features"]
+__all__ = ["ModelShape", "model_shape", "numerics_flags", "megatron_exact_plan", "activation_of",
+           "unsupported_features", "NUMERICS_CHOICES"]
+
+NUMERICS_CHOICES = ("gptmeg", "megatron-exact")
 
 # bigscience megatron.enums.PositionEmbeddingType: rotary = 1, absolute = 2, alibi = 3
 _POSITION_TYPES = {1: "rotary", 2: "absolute", 3: "alibi"}
@@ -148,9 +151,25 @@ def activation_of(args) -> str:
     return "gelu"
 
 
-def numerics_flags(args, pipe_model: bool, tp: int) -> tuple[dict, list[str]]:
-    """Megatron's fp16 attention/residual settings (recorded in the config) and a sentence for each one that
-    GPTMeg's three divergences do not reproduce."""
+def megatron_exact_plan(flags: dict) -> dict:
+    """The ``megatron_numerics`` plan (gptmeg.configuration_gptmeg) that reproduces the recorded flags: the layer
+    scaling's coefficient scheme from the model class (pipeline: max(1, i); sequential: i + 1), the fp32 softmax
+    (forced by layer scaling), the GELU bias fusion, the fused bias-dropout-add, the fp32 residual stream."""
+    scaling = flags["apply_query_key_layer_scaling"]
+    scheme = "max(1,layer)" if flags["query_key_layer_scaling_coefficients"] == "max(1, i)" else "layer+1"
+    return {
+        "query_key_layer_scaling": scheme if scaling else None,
+        "softmax_in_fp32": bool(flags["attention_softmax_in_fp32"] or scaling),
+        "bias_gelu_fusion": bool(flags["bias_gelu_fusion"]),
+        "bias_dropout_add_fusion": bool(flags["bias_dropout_fusion"]),
+        "fp32_residual_connection": bool(flags["fp32_residual_connection"]),
+    }
+
+
+def numerics_flags(args, pipe_model: bool, tp: int, numerics: str = "gptmeg") -> tuple[dict, list[str]]:
+    """Megatron's fp16 attention/residual settings (recorded in the config) and a sentence for each one that the
+    chosen numerics plan does not reproduce: GPTMeg's three divergences ("gptmeg"), or those plus the opt-in
+    megatron-exact sites ("megatron-exact", see :func:`megatron_exact_plan`)."""
     scaling = bool(_get(args, "apply_query_key_layer_scaling", False))
     flags = {
         "apply_query_key_layer_scaling": scaling,
@@ -161,10 +180,22 @@ def numerics_flags(args, pipe_model: bool, tp: int) -> tuple[dict, list[str]]:
         "masked_softmax_fusion": bool(_get(args, "masked_softmax_fusion", True)),
         "fp32_residual_connection": bool(_get(args, "fp32_residual_connection", False)),
         "bias_gelu_fusion": bool(_get(args, "bias_gelu_fusion", True)),
+        "bias_dropout_fusion": bool(_get(args, "bias_dropout_fusion", True)),
         "openai_gelu": bool(_get(args, "openai_gelu", False)),
         "tensor_model_parallel_size": tp,
     }
     notes = []
+    if numerics == "megatron-exact":
+        if not flags["bias_dropout_fusion"]:
+            notes.append("bias_dropout_fusion off: Megatron rounds x W + b to fp16 before adding the residual (two "
+                         "roundings); GPTMeg rounds x W + b once in the GEMM, then adds")
+        if not flags["attention_softmax_in_fp32"] and flags["masked_softmax_fusion"]:
+            notes.append("masked_softmax_fusion without attention_softmax_in_fp32: Megatron's fused kernel computes "
+                         "the softmax in fp32 but its torch path (decoding) in fp16; the plan keeps GPTMeg's softmax")
+        if tp > 1:
+            notes.append(f"tensor parallelism {tp}: Megatron's row-parallel layers sum {tp} fp16 partial products; "
+                         "GPTMeg computes one full GEMM (compare fp16 numerics with a TP=1 run)")
+        return flags, notes
     if scaling:
         notes.append("apply_query_key_layer_scaling: Megatron computes round16(QK^T/(sqrt(d)*c))*c with a per-layer "
                      f"coefficient c ({flags['query_key_layer_scaling_coefficients']}); where c is not a power of two "
