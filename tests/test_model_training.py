@@ -168,17 +168,17 @@ def test_static_cache_generates_the_dynamic_cache_tokens(dtype):
     assert torch.equal(dynamic, static)
 
 
-def test_compiled_fullgraph_forward_equals_eager_and_references_fp16(monkeypatch):
+def test_compiled_fullgraph_forward_equals_eager_and_references_fp16():
     """One torch.compile(fullgraph=True) call (inductor on CPU, ~20-30 s here). Inductor keeps fused fp16
     intermediates in fp32 unless asked to emulate eager's casts; with that switch on, the compiled fp16 forward is
     eager's - and the references' - bit for bit (the divergence islands survive compilation)."""
     import torch._inductor.config as inductor_config
 
-    monkeypatch.setattr(inductor_config, "emulate_precision_casts", True)
     torch._dynamo.reset()
     model = _model(torch.float16)
     ids = _ids()
-    with torch.no_grad():
+    # the config's own patch(): monkeypatch's undo would delete the option from inductor's config module
+    with torch.no_grad(), inductor_config.patch(emulate_precision_casts=True):
         compiled = torch.compile(model, fullgraph=True)(ids).logits
         assert torch.equal(compiled, model(ids).logits)
         assert torch.equal(compiled, _reference_logits(model, ids))
