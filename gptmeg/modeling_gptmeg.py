@@ -17,6 +17,7 @@ the residual add (``bias_dropout_add``), and the fp32 residual stream. Without i
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -28,6 +29,7 @@ from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
     BaseModelOutputWithPastAndCrossAttentions,
     CausalLMOutputWithCrossAttentions,
@@ -38,7 +40,8 @@ from transformers.modeling_outputs import (
 from transformers.modeling_utils import PreTrainedModel
 from transformers.models.gpt2.modeling_gpt2 import GPT2SequenceSummary
 from transformers.pytorch_utils import Conv1D
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, logging
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from ._compat import CACHE_FIELD, deprecated_past_key_values, pick_cache
 from .configuration_gptmeg import MEGATRON_GELU, GPTMegConfig, layer_coefficient
@@ -54,6 +57,8 @@ from .megatron_ops import (
     site_active,
 )
 from .parallel import DeviceMap, balanced_device_map, check_device_map
+
+logger = logging.get_logger(__name__)
 
 __all__ = [
     "GPTMegPreTrainedModel",
@@ -87,6 +92,8 @@ class GPTMegAttention(nn.Module):
         self.alpha = self.head_dim**-0.5 if config.scale_attn_weights else 1.0
         if config.scale_attn_by_inverse_layer_idx:
             self.alpha /= float(layer_idx + 1)
+        # GPT-2's stability option: Q and K upcast to fp32, scores and softmax in fp32 (no half-precision rounding)
+        self.reorder_and_upcast_attn = config.reorder_and_upcast_attn
 
         self.c_attn = Conv1D(3 * self.embed_dim, self.embed_dim)
         self.c_proj = Conv1D(self.embed_dim, self.embed_dim)
@@ -123,7 +130,11 @@ class GPTMegAttention(nn.Module):
             probs = self._megatron_probs(query, key, attention_mask)
         else:
             # DIVERGENCE 3: scores = baddbmm(0, Q, K^T, beta=0, alpha) - scaled on the accumulator, rounded once.
-            scores = attention_scores(query, key, self.alpha)  # (B, H, T, P+T)
+            if self.reorder_and_upcast_attn:  # as GPT-2: baddbmm on fp32 Q, K, autocast off; the scores stay fp32
+                with torch.autocast(query.device.type, enabled=False):
+                    scores = attention_scores(query.float(), key.float(), self.alpha)
+            else:
+                scores = attention_scores(query, key, self.alpha)  # (B, H, T, P+T)
             if attention_mask is not None:
                 scores = scores + attention_mask
             probs = nn.functional.softmax(scores, dim=-1).type(value.dtype)
@@ -163,7 +174,7 @@ class GPTMegMLP(nn.Module):
         return self.dropout(self.c_proj(hidden_states))
 
 
-class GPTMegBlock(nn.Module):
+class GPTMegBlock(GradientCheckpointingLayer):  # checkpointable: recomputed in backward when enabled
     def __init__(self, config: GPTMegConfig, layer_idx: int):
         super().__init__()
         inner_dim = config.n_inner if config.n_inner is not None else 4 * config.n_embd
@@ -176,7 +187,7 @@ class GPTMegBlock(nn.Module):
         self.fused_residual_add = bool(plan.get("bias_dropout_add_fusion"))
 
     def forward(
-        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, cache: Cache | None
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, cache: Cache | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.fused_residual_add:
             return self._megatron_forward(hidden_states, attention_mask, cache)
@@ -208,6 +219,20 @@ def _refuse_cross_attention(kwargs: dict) -> None:
                          "encoder_attention_mask cannot be used.")
 
 
+def _unset_output_flags_from_config(forward):
+    """`capture_outputs` falls back on the config only when output_attentions / output_hidden_states are absent from
+    the keywords; the heads pass None for "not set", so a None is dropped before it gets there."""
+
+    @functools.wraps(forward)
+    def wrapper(self, *args, **kwargs):
+        for name in ("output_attentions", "output_hidden_states"):
+            if name in kwargs and kwargs[name] is None:
+                del kwargs[name]
+        return forward(self, *args, **kwargs)
+
+    return wrapper
+
+
 # from_pretrained's own keyword arguments: never taken for config overrides (dtype is also a config field)
 _FROM_PRETRAINED_KWARGS = {
     "dtype", "torch_dtype", "device_map", "attn_implementation", "output_loading_info", "ignore_mismatched_sizes",
@@ -225,6 +250,15 @@ class GPTMegPreTrainedModel(PreTrainedModel):
     config: GPTMegConfig
     base_model_prefix = "transformer"
     _no_split_modules = ["GPTMegBlock"]
+    supports_gradient_checkpointing = True
+    # forward has no data-dependent branch under torch.compile (the length guard is eager-only): static cache and
+    # compiled generation work
+    _can_compile_fullgraph = True
+    # output_hidden_states / output_attentions are recorded by hooks, as GPT-2's (layer selection included)
+    _can_record_outputs = {
+        "hidden_states": GPTMegBlock,
+        "attentions": OutputRecorder(GPTMegAttention, index=1),
+    }
     # Attention is always the eager baddbmm path: SDPA / flash kernels would change the fp16 numerics.
     _supports_sdpa = False
     _supports_flash_attn = False
@@ -281,6 +315,7 @@ class GPTMegModel(GPTMegPreTrainedModel):
 
         self.model_parallel = False
         self.device_map: DeviceMap | None = None
+        self.gradient_checkpointing = False
         self.post_init()
 
     def get_input_embeddings(self):
@@ -324,6 +359,8 @@ class GPTMegModel(GPTMegPreTrainedModel):
 
     # --- forward --------------------------------------------------------------------------------------------
 
+    @_unset_output_flags_from_config
+    @capture_outputs
     @deprecated_past_key_values
     def forward(
         self,
@@ -343,10 +380,12 @@ class GPTMegModel(GPTMegPreTrainedModel):
         _refuse_cross_attention(kwargs)
         cache = pick_cache(cache, past_key_values)
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
-        output_hidden_states = (
-            self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
-        )
+        if use_cache and self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            logger.warning_once(
+                "`use_cache=True` is incompatible with gradient checkpointing. Setting `use_cache=False`."
+            )
+            use_cache = False
+        # output_attentions / output_hidden_states: recorded by `capture_outputs` (hooks on the blocks)
 
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
@@ -361,8 +400,8 @@ class GPTMegModel(GPTMegPreTrainedModel):
 
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
-        past_len = cache.get_seq_length() if cache is not None else 0
-        if not is_exporting():
+        past_len = cache.get_seq_length() if cache is not None else 0  # a tensor for a static cache
+        if not (is_exporting() or torch.compiler.is_compiling()):  # eager guard; compiled: no data-dependent branch
             # the limit is the position table: with explicit position_ids (packed sequences restart at 0) a row may
             # be longer than n_positions as long as no position reaches it
             if position_ids is not None and position_ids.numel():
@@ -374,11 +413,11 @@ class GPTMegModel(GPTMegPreTrainedModel):
                     )
             elif past_len + seq_len > self.config.n_positions:
                 raise ValueError(
-                    f"Sequence too long: {past_len} cached + {seq_len} new tokens = {past_len + seq_len}, but this "
+                    f"Sequence too long: {int(past_len)} cached + {seq_len} new tokens = {int(past_len) + seq_len}, but this "
                     f"model has n_positions={self.config.n_positions} position embeddings. Shorten the input."
                 )
         if position_ids is None:
-            position_ids = torch.arange(past_len, past_len + seq_len, device=inputs_embeds.device).unsqueeze(0)
+            position_ids = (torch.arange(seq_len, device=inputs_embeds.device) + past_len).unsqueeze(0)
         else:
             position_ids = position_ids.view(-1, seq_len)
 
@@ -394,32 +433,24 @@ class GPTMegModel(GPTMegPreTrainedModel):
         # transformers' eager mask: 0 where attended, finfo(dtype).min where causal or padding masks a key.
         mask = create_causal_mask(self.config, inputs_embeds, attention_mask, cache, position_ids)
 
-        all_hidden_states = () if output_hidden_states else None
-        all_attentions = () if output_attentions else None
         for index, block in enumerate(self.h):
             if self.model_parallel:
                 device = self._block_device(index)
                 hidden_states = hidden_states.to(device)
                 mask = mask.to(device) if mask is not None else None
-            if output_hidden_states:
-                all_hidden_states += (hidden_states,)
-            hidden_states, attn_probs = block(hidden_states, mask, cache)
-            if output_attentions:
-                all_attentions += (attn_probs,)
+            # hidden states positional, cache by keyword: a checkpointed block gets cache=None (it would be updated
+            # twice when the backward pass recomputes the block)
+            hidden_states = block(hidden_states, mask, cache=cache)[0]
 
         hidden_states = self.ln_f(hidden_states.to(self.ln_f.weight.device))
         hidden_states = hidden_states.view(*input_shape, hidden_states.shape[-1])
-        if output_hidden_states:
-            all_hidden_states += (hidden_states,)
 
-        output = _with_cache(
+        # hidden_states / attentions are added by `capture_outputs`, which also makes the tuple for return_dict=False
+        return _with_cache(
             BaseModelOutputWithPastAndCrossAttentions,
             cache if use_cache else None,
             last_hidden_state=hidden_states,
-            hidden_states=all_hidden_states,
-            attentions=all_attentions,
         )
-        return output if return_dict is not False else output.to_tuple()
 
 
 def _keep_last(hidden_states: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:

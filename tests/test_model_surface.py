@@ -84,3 +84,75 @@ def test_past_key_values_keyword_warns_as_gpt2_does():
         return any("past_key_values" in str(w.message) for w in caught)
 
     assert warned(ours) == warned(gpt2)
+
+
+SELECTIONS = [True, False, 0, [0], 1, -1, [0, 2], [-2, 0], [2, 2]]
+
+
+@pytest.mark.parametrize("selection", SELECTIONS, ids=[str(s) for s in SELECTIONS])
+@torch.no_grad()
+def test_output_hidden_states_selects_layers_as_gpt2(selection):
+    """output_hidden_states=True returns every layer; an index or a list of indices (negative ones counted from the
+    end) keeps those and leaves None in the others - whatever GPT-2 returns for the same selection."""
+    from transformers import GPT2LMHeadModel, GPT2Model
+
+    from gptmeg import GPTMegModel
+
+    torch.manual_seed(0)
+    ids = torch.randint(2, 120, (2, 9))
+    for gpt2_cls, gptmeg_cls in ((GPT2Model, GPTMegModel), (GPT2LMHeadModel, GPTMegLMHeadModel)):
+        gpt2 = gpt2_cls(gpt2_config(n_layer=3)).eval()
+        ours = copy_into(gptmeg_cls, gpt2)
+        expected = gpt2(ids, output_hidden_states=selection, output_attentions=True)
+        got = ours(ids, output_hidden_states=selection, output_attentions=True)
+        if selection is False or selection == 0:  # GPT-2 reads the index 0 as False: no hidden states; so does GPTMeg
+            assert expected.hidden_states is None and got.hidden_states is None
+            continue
+        assert len(got.hidden_states) == len(expected.hidden_states) == 4
+        assert [h is None for h in got.hidden_states] == [h is None for h in expected.hidden_states]
+        if selection is not True:
+            assert any(h is None for h in got.hidden_states)  # a selection, not every layer
+        for a, b in zip(expected.hidden_states, got.hidden_states):
+            if a is not None:
+                assert float((a - b).abs().max()) <= 1e-5
+        assert len(got.attentions) == len(expected.attentions) == 3
+        for a, b in zip(expected.attentions, got.attentions):
+            assert float((a - b).abs().max()) <= 1e-5
+        # the same from the config, and as a tuple
+        ours.config.output_hidden_states = selection
+        as_tuple = ours(ids, return_dict=False)
+        assert [h is None for h in as_tuple[-1]] == [h is None for h in expected.hidden_states]
+
+
+@torch.no_grad()
+def test_reorder_and_upcast_attn_is_gpt2s():
+    """config.reorder_and_upcast_attn: Q and K upcast to fp32, baddbmm and softmax in fp32 - GPT-2's meaning. In fp16
+    GPTMeg's attention then equals GPT-2's bit for bit, and differs from GPTMeg's default (scores rounded once)."""
+    from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
+
+    from gptmeg.modeling_gptmeg import GPTMegAttention
+
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 9, 96).half()
+    causal = torch.zeros(9, 9).masked_fill(~torch.tril(torch.ones(9, 9, dtype=torch.bool)), -65504.0)
+    mask = causal.half()[None, None]
+    outputs = {}
+    for upcast in (True, False):
+        config = gpt2_config(reorder_and_upcast_attn=upcast)
+        reference = GPT2Attention(config, layer_idx=1).half().eval()
+        ours = GPTMegAttention(config, layer_idx=1).half().eval()
+        ours.load_state_dict(reference.state_dict())
+        outputs[upcast] = ours(hidden, mask, None)
+        if upcast:
+            expected = reference(hidden, attention_mask=mask)
+            assert torch.equal(outputs[upcast][0], expected[0]) and torch.equal(outputs[upcast][1], expected[1])
+    assert not torch.equal(outputs[True][1], outputs[False][1])
+
+    # whole models in fp32: GPT-2 with the flag (1e-5, the suite's fp32 limit)
+    from transformers import GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(gpt2_config(reorder_and_upcast_attn=True)).eval()
+    model = copy_into(GPTMegLMHeadModel, gpt2)
+    assert model.config.reorder_and_upcast_attn is True
+    ids = torch.randint(2, 120, (2, 9))
+    assert float((model(ids).logits - gpt2(ids).logits).abs().max()) <= 1e-5
