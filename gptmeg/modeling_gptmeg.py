@@ -100,7 +100,7 @@ class GPTMegAttention(nn.Module):
         self.attn_dropout = nn.Dropout(config.attn_pdrop)
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
         # MEGATRON-EXACT (opt-in): the layer's scaling coefficient, the fp32 softmax, c_proj's bias left to the block
-        plan = config.megatron_numerics or {}
+        plan = getattr(config, "megatron_numerics", None) or {}  # a GPT2Config has none
         self.coefficient = layer_coefficient(plan.get("query_key_layer_scaling"), layer_idx)
         self.megatron_softmax = bool(plan.get("query_key_layer_scaling") or plan.get("softmax_in_fp32"))
         self.softmax_in_fp32 = bool(plan.get("softmax_in_fp32"))
@@ -154,7 +154,7 @@ class GPTMegMLP(nn.Module):
         self.c_proj = Conv1D(config.n_embd, intermediate_size)
         self.act = build_activation(config.activation_function)
         self.dropout = nn.Dropout(config.resid_pdrop)
-        plan = config.megatron_numerics or {}
+        plan = getattr(config, "megatron_numerics", None) or {}  # a GPT2Config has none
         self.bias_gelu_fusion = bool(plan.get("bias_gelu_fusion"))
         self.skip_bias_add = bool(plan.get("bias_dropout_add_fusion"))
 
@@ -183,7 +183,7 @@ class GPTMegBlock(GradientCheckpointingLayer):  # checkpointable: recomputed in 
         self.attn = GPTMegAttention(config, layer_idx=layer_idx)
         self.ln_2 = MegatronLayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = GPTMegMLP(inner_dim, config)
-        plan = config.megatron_numerics or {}
+        plan = getattr(config, "megatron_numerics", None) or {}  # a GPT2Config has none
         self.fused_residual_add = bool(plan.get("bias_dropout_add_fusion"))
 
     def forward(
