@@ -183,6 +183,12 @@ def export_model(
             loaded = load_model(model_dir, allow_incomplete=allow_incomplete)
             model = loaded.model.to(DTYPES[dtype])
         config = model.config
+        if dtype == "fp16" and getattr(config, "reorder_and_upcast_attn", False):
+            raise ExportError(
+                "the model's config sets reorder_and_upcast_attn (GPT-2's option: attention scores kept in fp32), "
+                "which the fp16 precision plan does not carry: it rounds each score to fp16 once, as Megatron does. "
+                "Export with --dtype fp32, or set reorder_and_upcast_attn to false in config.json."
+            )
         with stage(f"tracing to ONNX ({dtype}, opset {opset})"):
             onnx_path = export_decoder(model, staging, opset, external_data=external_data)
         graph = onnx.load(str(onnx_path), load_external_data=False)  # structure only: read once, used thrice

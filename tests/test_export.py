@@ -257,3 +257,15 @@ def test_device_cuda_without_onnxruntime_gpu_is_refused_before_any_work(tmp_path
     with pytest.raises(export_api.ExportError, match="--reference cuda-fp16"):
         export_model(out=tmp_path / "out", device="cuda")
     assert not (tmp_path / "out").exists()
+
+
+def test_reorder_and_upcast_attn_is_refused_for_fp16_before_tracing(tmp_path, monkeypatch):
+    from gptmeg.tiny import tiny_tokenizer
+
+    checkpoint = tmp_path / "upcast"
+    tiny_model(reorder_and_upcast_attn=True).save_pretrained(checkpoint)
+    tiny_tokenizer().save_pretrained(checkpoint)
+    monkeypatch.setattr(export_api, "export_decoder", lambda *a, **k: pytest.fail("traced before refusing"))
+    with pytest.raises(export_api.ExportError, match="reorder_and_upcast_attn"):
+        export_model(str(checkpoint), tmp_path / "out", dtype="fp16")
+    assert not (tmp_path / "out").exists()
