@@ -277,3 +277,25 @@ def test_padding_rows_of_a_megatron_vocabulary_are_never_generated(export):
     assert greedy.texts() == [artifact.tokenizer.decode(_alone(runtime, [5, 6], 8))]
     assert sampled.events[-1] == Finished(2, 8)
     assert generated and max(generated) < padded.spec.emit_vocab_size
+
+
+def test_cancelled_requests_leave_the_queue_before_their_turn(export):
+    artifact, runtime = export
+    scheduler = Scheduler(runtime, artifact.tokenizer.decode, max_batch=1, max_waiting=4).start()
+    try:
+        running = Collector()
+        scheduler.submit(Request([[5, 6]], ChoiceSettings(max_new_tokens=150, ignore_eos=True), running))
+        queued = [Request([[7]], ChoiceSettings(max_new_tokens=5), Collector()) for _ in range(3)]
+        for request in queued:
+            scheduler.submit(request)
+        for request in queued:
+            request.cancel()
+        deadline = time.monotonic() + 10
+        while scheduler.stats.cancelled < 3 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert not running.done.is_set()  # freed while the long request still runs, not when it is their turn
+        assert scheduler.stats.cancelled == 3 and scheduler.stats.waiting == 0
+        scheduler.submit(Request([[7]], ChoiceSettings(max_new_tokens=5), Collector(), n=4))  # the slots are free
+        _wait([running])
+    finally:
+        scheduler.stop()

@@ -237,6 +237,7 @@ class Scheduler:
                         break
                     # a join holds the running rows for one prefill: alternate, so a stream of joiners that
                     # finish at once cannot starve them
+                    self._purge_cancelled()
                     joiners = [] if joined and self._batch is not None else self._take_joiners()
                 joined = bool(joiners)
                 if joiners:
@@ -250,6 +251,15 @@ class Scheduler:
         finally:
             self._fail_all("the server is shutting down." if self.error is None else
                            f"the scheduler stopped: {error_text(self.error)}")
+
+    def _purge_cancelled(self) -> None:
+        """Waiting choices of cancelled requests leave the queue at once (they hold --max-waiting slots)."""
+        if any(c.request.cancelled for c in self._waiting):
+            for choice in self._waiting:
+                if choice.request.cancelled:
+                    self._end(choice.request, "cancelled")
+            self._waiting = deque(c for c in self._waiting if not c.request.cancelled)
+            self.stats.waiting = len(self._waiting)
 
     def _take_joiners(self) -> list[_Choice]:
         """Waiting choices that fit the batch and the prefill budget (at least one when there is room)."""
