@@ -192,10 +192,7 @@ def numerics_flags(args, pipe_model: bool, tp: int, numerics: str = "gptmeg") ->
         if not flags["attention_softmax_in_fp32"] and flags["masked_softmax_fusion"]:
             notes.append("masked_softmax_fusion without attention_softmax_in_fp32: Megatron's fused kernel computes "
                          "the softmax in fp32 but its torch path (decoding) in fp16; the plan keeps GPTMeg's softmax")
-        if tp > 1:
-            notes.append(f"tensor parallelism {tp}: Megatron's row-parallel layers sum {tp} fp16 partial products; "
-                         "GPTMeg computes one full GEMM (compare fp16 numerics with a TP=1 run)")
-        return flags, notes
+        return flags, notes + _parallelism_notes(tp)
     if scaling:
         notes.append("apply_query_key_layer_scaling: Megatron computes round16(QK^T/(sqrt(d)*c))*c with a per-layer "
                      f"coefficient c ({flags['query_key_layer_scaling_coefficients']}); where c is not a power of two "
@@ -203,7 +200,12 @@ def numerics_flags(args, pipe_model: bool, tp: int, numerics: str = "gptmeg") ->
     if flags["fp32_residual_connection"]:
         notes.append("fp32_residual_connection: Megatron keeps the residual stream in fp32; GPTMeg keeps it in the "
                      "model's dtype")
-    if tp > 1:
-        notes.append(f"tensor parallelism {tp}: Megatron's row-parallel layers sum {tp} fp16 partial products; GPTMeg "
-                     "computes one full GEMM (compare fp16 numerics with a TP=1 run)")
-    return flags, notes
+    return flags, notes + _parallelism_notes(tp)
+
+
+def _parallelism_notes(tp: int) -> list[str]:
+    """What GPTMeg's one full GEMM does not reproduce of a tensor-parallel run's fp16 sums."""
+    if tp <= 1:
+        return []
+    return [f"tensor parallelism {tp}: Megatron's row-parallel layers sum {tp} fp16 partial products; GPTMeg "
+            "computes one full GEMM (compare fp16 numerics with a TP=1 run)"]
