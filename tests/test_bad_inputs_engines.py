@@ -183,3 +183,23 @@ def test_runtimes_refuse_an_attention_mask_that_does_not_cover_past_and_new(runt
     ids = np.array([[1, 2, 3, 4, 5]], dtype=np.int64)
     with pytest.raises(EngineError, match="attention_mask has shape"):
         runtime.step(ids, np.ones((1, length), np.int64), np.arange(5)[None], runtime.empty_cache(1))
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--max-batch", "0"], "--max-batch must be >= 1"),
+    (["--max-waiting", "0"], "--max-waiting must be >= 1"),
+    (["--port", "70000"], "--port must be in [0, 65535]"),
+    (["--api-key", " "], "--api-key must not be empty"),
+])
+def test_serve_settings_are_refused_before_the_server_starts(export_dir, options, message):
+    assert_refused(run_cli("engines", "serve", export_dir, "--port", "0", *options), message)
+
+
+def test_serve_on_a_busy_port_is_one_line(export_dir):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        assert_refused(run_cli("engines", "serve", export_dir, "--port", str(port)), "cannot listen on")
