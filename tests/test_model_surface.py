@@ -103,23 +103,32 @@ def test_output_hidden_states_selects_layers_as_gpt2(selection):
     for gpt2_cls, gptmeg_cls in ((GPT2Model, GPTMegModel), (GPT2LMHeadModel, GPTMegLMHeadModel)):
         gpt2 = gpt2_cls(gpt2_config(n_layer=3)).eval()
         ours = copy_into(gptmeg_cls, gpt2)
-        expected = gpt2(ids, output_hidden_states=selection, output_attentions=True)
+        try:
+            expected = gpt2(ids, output_hidden_states=selection, output_attentions=True)
+        except Exception as refusal:  # noqa: BLE001 - older transformers refuse some selections for some heads
+            with pytest.raises(type(refusal)):
+                ours(ids, output_hidden_states=selection, output_attentions=True)
+            continue
         got = ours(ids, output_hidden_states=selection, output_attentions=True)
         if selection is False or selection == 0:  # GPT-2 reads the index 0 as False: no hidden states; so does GPTMeg
             assert expected.hidden_states is None and got.hidden_states is None
             continue
-        assert len(got.hidden_states) == len(expected.hidden_states) == 4
+        # what GPT-2 returns for this selection (transformers 5.24: every layer's slot, None where not selected;
+        # 5.17 returns only the selected layers for a list, every layer for an int)
         assert [h is None for h in got.hidden_states] == [h is None for h in expected.hidden_states]
-        if selection is not True:
-            assert any(h is None for h in got.hidden_states)  # a selection, not every layer
         for a, b in zip(expected.hidden_states, got.hidden_states):
             if a is not None:
                 assert float((a - b).abs().max()) <= 1e-5
         assert len(got.attentions) == len(expected.attentions) == 3
         for a, b in zip(expected.attentions, got.attentions):
             assert float((a - b).abs().max()) <= 1e-5
-        # the same from the config, and as a tuple
-        ours.config.output_hidden_states = selection
+        # the same from the config, and as a tuple (where the config takes a selection: transformers 5.17's refuses)
+        try:
+            ours.config.output_hidden_states = selection
+        except Exception as refusal:  # noqa: BLE001
+            with pytest.raises(type(refusal)):
+                gpt2.config.output_hidden_states = selection
+            continue
         as_tuple = ours(ids, return_dict=False)
         assert [h is None for h in as_tuple[-1]] == [h is None for h in expected.hidden_states]
 
