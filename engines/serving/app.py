@@ -19,11 +19,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import EngineError
-from ..sampling import SamplingSettings
 from . import protocol
 from .metrics import ServerMetrics
 from .protocol import ProtocolError
 from .scheduler import ChoiceSettings, Delta, Failed, Finished, Overloaded, Request, Scheduler
+from .settings import ContextOverflow, choice_settings
 
 __all__ = ["ServerConfig", "build_app"]
 
@@ -181,38 +181,17 @@ def _prompts(prompt, tokenizer, spec) -> tuple[list[list[int]], list[str]]:
     return prompts, texts
 
 
-def _context_error(context: int, prompt: int, completion: int) -> ProtocolError:
-    return ProtocolError(
-        f"This model's maximum context length is {context} tokens. However, you requested {prompt + completion} "
-        f"tokens ({prompt} in the messages, {completion} in the completion). Please reduce the length of the "
-        "messages or completion.", param="prompt", code="context_length_exceeded")
-
-
 def _settings(completion, prompts, spec, config: ServerConfig) -> ChoiceSettings:
-    longest = max(len(p) for p in prompts)
-    context = spec.max_sequence
-    if longest >= context:
-        raise _context_error(context, longest, completion.max_tokens or 1)
-    if completion.max_tokens is not None:
-        if longest + completion.max_tokens > context:
-            raise _context_error(context, longest, completion.max_tokens)
-        max_tokens = completion.max_tokens
-    else:
-        max_tokens = min(config.default_max_tokens, context - longest)
-    temperature = 1.0 if completion.temperature is None else completion.temperature
-    top_k = completion.top_k if completion.top_k and completion.top_k > 0 else 0
     try:
-        sampling = SamplingSettings(
-            do_sample=temperature > 0,
-            temperature=temperature if temperature > 0 else 1.0,
-            top_k=top_k,
-            top_p=1.0 if completion.top_p is None else completion.top_p,
-            repetition_penalty=1.0 if completion.repetition_penalty is None else completion.repetition_penalty,
-        )
+        return choice_settings(
+            max(len(p) for p in prompts), spec.max_sequence, max_tokens=completion.max_tokens,
+            default_max_tokens=config.default_max_tokens, temperature=completion.temperature, top_k=completion.top_k,
+            top_p=completion.top_p, repetition_penalty=completion.repetition_penalty, seed=completion.seed,
+            stop=completion.stop or (), ignore_eos=completion.ignore_eos)
+    except ContextOverflow as error:
+        raise ProtocolError(str(error), param="prompt", code="context_length_exceeded") from None
     except ValueError as error:
         raise ProtocolError(str(error)) from None
-    return ChoiceSettings(max_new_tokens=max_tokens, sampling=sampling, seed=completion.seed,
-                          stop=tuple(completion.stop or ()), ignore_eos=completion.ignore_eos)
 
 
 def _sse(payload) -> bytes:

@@ -106,8 +106,7 @@ def parse_inputs(values: dict[str, np.ndarray], tokenizer, spec, default_max_tok
 
     Same meaning as ``POST /v1/completions`` of ``engines serve``: an omitted temperature samples at 1.0, temperature
     0 is greedy; ``max_tokens`` defaults to ``default_max_tokens`` (cut to the context)."""
-    from engines.sampling import SamplingSettings
-    from engines.serving.scheduler import ChoiceSettings
+    from engines.serving.settings import choice_settings
 
     if "text_input" not in values:
         raise InputError("input 'text_input' is required.")
@@ -115,39 +114,21 @@ def parse_inputs(values: dict[str, np.ndarray], tokenizer, spec, default_max_tok
     prompt = tokenizer.encode(text).ids
     if not prompt:
         raise InputError("the prompt is empty: it must have at least one token.")
-    context = spec.max_sequence
-    max_tokens = _number(values, "max_tokens", int)
-    if max_tokens is not None and max_tokens < 1:
-        raise InputError(f"max_tokens must be >= 1, got {max_tokens}.")
-    wanted = max_tokens if max_tokens is not None else 1
-    if len(prompt) >= context or (max_tokens is not None and len(prompt) + max_tokens > context):
-        raise InputError(f"This model's maximum context length is {context} tokens. However, you requested "
-                         f"{len(prompt) + wanted} tokens ({len(prompt)} in the messages, {wanted} in the completion). "
-                         "Please reduce the length of the messages or completion.")
-    if max_tokens is None:
-        max_tokens = min(default_max_tokens, context - len(prompt))
     for name in ("frequency_penalty", "presence_penalty"):
         penalty = _number(values, name, float)
         if penalty not in (None, 0.0):
             raise InputError(f"{name} is not supported (got {penalty}); use repetition_penalty.")
-    temperature = _number(values, "temperature", float)
-    temperature = 1.0 if temperature is None else temperature
-    if temperature < 0:
-        raise InputError(f"temperature must be >= 0, got {temperature}.")
-    top_k = _number(values, "top_k", int)
-    top_p = _number(values, "top_p", float)
-    penalty = _number(values, "repetition_penalty", float)
-    seed = _number(values, "seed", int)
     stop = tuple(_text(v, "stop_words") for v in np.asarray(values.get("stop_words", [])).reshape(-1))
     if any(not s for s in stop):
         raise InputError("a stop word must not be empty.")
     ignore_eos = _one(values, "ignore_eos")
     try:
-        sampling = SamplingSettings(do_sample=temperature > 0, temperature=temperature if temperature > 0 else 1.0,
-                                    top_k=top_k if top_k and top_k > 0 else 0, top_p=1.0 if top_p is None else top_p,
-                                    repetition_penalty=1.0 if penalty is None else penalty)
-        settings = ChoiceSettings(max_new_tokens=max_tokens, sampling=sampling, seed=seed, stop=stop,
-                                  ignore_eos=bool(ignore_eos) if ignore_eos is not None else False)
+        settings = choice_settings(
+            len(prompt), spec.max_sequence, max_tokens=_number(values, "max_tokens", int),
+            default_max_tokens=default_max_tokens, temperature=_number(values, "temperature", float),
+            top_k=_number(values, "top_k", int), top_p=_number(values, "top_p", float),
+            repetition_penalty=_number(values, "repetition_penalty", float), seed=_number(values, "seed", int),
+            stop=stop, ignore_eos=bool(ignore_eos) if ignore_eos is not None else False)
     except ValueError as error:
         raise InputError(str(error)) from None
     stream = _one(values, "stream")
