@@ -179,6 +179,7 @@ class Scheduler:
         self.max_batch, self.max_waiting, self.max_prefill_tokens = max_batch, max_waiting, max_prefill_tokens
         self.observe = observe or (lambda _name, _seconds: None)
         self.stats = SchedulerStats()
+        self._nothing_seen = np.zeros((1, self.spec.vocab_size), dtype=bool)  # rows without a repetition penalty
         self._waiting: deque[_Choice] = deque()
         self._batch: _Batch | None = None
         self._wake = threading.Condition()
@@ -235,9 +236,9 @@ class Scheduler:
                         self._wake.wait()
                     if self._stopping:
                         break
+                    self._purge_cancelled()
                     # a join holds the running rows for one prefill: alternate, so a stream of joiners that
                     # finish at once cannot starve them
-                    self._purge_cancelled()
                     joiners = [] if joined and self._batch is not None else self._take_joiners()
                 joined = bool(joiners)
                 if joiners:
@@ -249,8 +250,11 @@ class Scheduler:
             self.error = error
             raise
         finally:
-            self._fail_all("the server is shutting down." if self.error is None else
-                           f"the scheduler stopped: {error_text(self.error)}")
+            self._fail((self._batch.rows if self._batch else []) + list(self._waiting),
+                       "the server is shutting down." if self.error is None else
+                       f"the scheduler stopped: {error_text(self.error)}")
+            self._batch = None
+            self.stats.running = 0
 
     def _purge_cancelled(self) -> None:
         """Waiting choices of cancelled requests leave the queue at once (they hold --max-waiting slots)."""
@@ -267,9 +271,6 @@ class Scheduler:
         joiners: list[_Choice] = []
         while self._waiting and len(joiners) < room:
             candidate = self._waiting[0]
-            if candidate.request.cancelled:
-                self._end(self._waiting.popleft().request, "cancelled")
-                continue
             width = max([len(c.prompt) for c in joiners] + [len(candidate.prompt)])
             if joiners and width * (len(joiners) + 1) > self.max_prefill_tokens:
                 break
@@ -288,7 +289,7 @@ class Scheduler:
             self.stats.prefill_rows += len(joiners)
             self._sample(fresh, out.logits)
         except Exception as error:  # noqa: BLE001 - a failing step fails its rows; the thread serves the next ones
-            self._fail(joiners, error)
+            self._fail(joiners, step_failed(error))
             return
         if self._batch is None:
             self._batch = fresh
@@ -296,7 +297,7 @@ class Scheduler:
             try:
                 self._batch = self._merge(self._batch, fresh)
             except Exception as error:  # noqa: BLE001
-                self._fail(self._batch.rows + joiners, error)
+                self._fail(self._batch.rows + joiners, step_failed(error))
                 self._batch = None
         self.stats.running = len(self._batch.rows) if self._batch else 0
 
@@ -316,7 +317,7 @@ class Scheduler:
             self.stats.decode_rows += len(batch.rows)
             self._sample(batch, out.logits)
         except Exception as error:  # noqa: BLE001
-            self._fail(batch.rows, error)
+            self._fail(batch.rows, step_failed(error))
             self._batch = None
 
     def _sample(self, batch: _Batch, logits: np.ndarray) -> None:
@@ -329,7 +330,7 @@ class Scheduler:
             batch.tokens[greedy] = logits[greedy].argmax(axis=-1)
         for k, row in enumerate(batch.rows):
             if not row.greedy:
-                seen = row.seen[None] if row.seen is not None else np.zeros((1, logits.shape[1]), dtype=bool)
+                seen = row.seen[None] if row.seen is not None else self._nothing_seen
                 batch.tokens[k] = select_next_tokens(logits[k:k + 1], seen, row.sampling, row.rng)[0]
         for k, row in enumerate(batch.rows):
             if not row.finished and not row.request.cancelled:
@@ -383,15 +384,16 @@ class Scheduler:
             try:
                 cache = self.runtime.select_rows(batch.cache, keep, start)
             except Exception as error:  # noqa: BLE001
-                self._fail(batch.rows, error)
+                self._fail(batch.rows, step_failed(error))
                 self._batch = None
                 return
             self._batch = _Batch([batch.rows[k] for k in keep], cache, mask[:, start:], batch.positions[keep],
                                  batch.tokens[keep])
         self.stats.running = len(self._batch.rows) if self._batch else 0
 
-    def _fail(self, rows: list[_Choice], error: BaseException) -> None:
-        message = f"generation failed: {error_text(error)}"
+    def _fail(self, rows: list[_Choice], message: str) -> None:
+        """Each request with a row in ``rows`` fails with ``message`` (counted cancelled if its client left); its
+        choices still waiting leave the queue."""
         for row in rows:
             row.finished = True
             request = row.request
@@ -421,16 +423,9 @@ class Scheduler:
             self._waiting = deque(c for c in self._waiting if c.request not in requests)
             self.stats.waiting = len(self._waiting)
 
-    def _fail_all(self, message: str) -> None:
-        rows = (self._batch.rows if self._batch else []) + list(self._waiting)
-        self._batch = None
-        for row in rows:
-            if not row.request._ended and not row.finished:
-                if not row.request.cancelled:
-                    self._send(row.request, Failed(message))
-                self._end(row.request, "cancelled" if row.request.cancelled else "failed")
-        self._waiting.clear()
-        self.stats.waiting = self.stats.running = 0
+
+def step_failed(error: BaseException) -> str:
+    return f"generation failed: {error_text(error)}"
 
 
 def error_text(error: BaseException) -> str:

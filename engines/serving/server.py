@@ -14,7 +14,7 @@ import threading
 from dataclasses import dataclass
 
 from ..artifacts import ExportArtifact
-from ..errors import EngineError
+from ..errors import EngineError, check_counts
 from ..runtime import DecoderRuntime
 from .scheduler import Scheduler
 
@@ -47,9 +47,7 @@ def _imports():
 
 
 def check_options(options: ServeOptions) -> None:
-    for name in ("max_batch", "max_waiting", "max_prefill_tokens", "max_body_bytes"):
-        if getattr(options, name) < 1:
-            raise EngineError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(options, name)}.")
+    check_counts(options, ("max_batch", "max_waiting", "max_prefill_tokens", "max_body_bytes"))
     if not 0 <= options.port <= 65535:
         raise EngineError(f"--port must be in [0, 65535], got {options.port}.")
     if options.api_key is not None and not options.api_key.strip():

@@ -28,7 +28,7 @@ from safeio.staging import OutputExistsError, OutputNotWritableError, staged_dir
 
 from ..artifacts import ExportArtifact, open_export
 from ..backends import ALIASES, BACKENDS
-from ..errors import EngineError
+from ..errors import EngineError, check_counts
 
 __all__ = ["MARKER_NAME", "TritonRepoOptions", "is_triton_repo", "write_triton_repo"]
 
@@ -85,11 +85,7 @@ class TritonRepoOptions:
         if not _NAME.fullmatch(self.model_name) or len(self.model_name) > 100:
             raise EngineError(f"--model-name {self.model_name!r} must be a folder name of letters, digits, '_', '.' "
                               "and '-' (at most 100 characters), e.g. gptmeg.")
-        for name in ("max_batch", "instances"):
-            if getattr(self, name) < 1:
-                raise EngineError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}.")
-        if self.threads is not None and self.threads < 1:
-            raise EngineError(f"--threads must be >= 1, got {self.threads}.")
+        check_counts(self, ("max_batch", "instances", "threads"))
 
     @property
     def decoder_name(self) -> str:
