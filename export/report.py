@@ -25,9 +25,17 @@ def contract_table(report: ContractReport, only_broken: bool = False) -> Table:
     return table
 
 
-def verification_table(report: VerifyReport) -> Table:
-    from .verify import top1_text  # a report exists, so torch is already loaded
+def top1_text(top1: float | None, near_ties: int | None = None, positions: int | None = None) -> str:
+    """Top-1 agreement for messages and tables: the exact share, and with the near-ties counted when there are any
+    ("-" when not measured)."""
+    if top1 is None:
+        return "-"
+    if not near_ties or not positions:
+        return f"{top1:.2%}"
+    return f"{top1 + near_ties / positions:.2%} ({top1:.2%} exact + {near_ties} near-ties)"
 
+
+def verification_table(report: VerifyReport) -> Table:
     state = "[green]pass[/]" if report.ok else "[red]FAIL[/]"
     title = (
         f"onnxruntime ({report.provider}) vs eager {report.dtype} on {report.reference_device}: {state}"
@@ -43,7 +51,7 @@ def verification_table(report: VerifyReport) -> Table:
             f"{m.reference_max:.3g}" if m.reference_max is not None else "-",
             str(m.nan),
             str(m.inf),
-            top1_text(m) if m.top1 is not None else "-",
+            top1_text(m.top1, m.top1_near_ties, m.top1_positions),
             str(m.count),
         )
     for failure in report.failures:

@@ -27,6 +27,7 @@ from gptmeg import GPTMegLMHeadModel
 from gptmeg._compat import cache_tensors, output_cache
 
 from .io_names import past_name, present_name
+from .report import top1_text
 
 __all__ = [
     "OutputMetrics",
@@ -36,7 +37,6 @@ __all__ = [
     "validation_inputs",
     "position_ids",
     "export_tolerance_failures",
-    "top1_text",
 ]
 
 VERIFY_PROMPT = 48  # tokens per row of the post-export check (fewer when the context is shorter)
@@ -230,21 +230,13 @@ def export_tolerance_failures(metrics: list[OutputMetrics], graph_dtype: str) ->
             failures.append(f"logits max abs error {logits.max_abs:.3g} > {FP32_MAX_ABS:g} (fp32 target)")
     else:
         if logits.top1 is None or logits.top1_tie_aware < FP16_TOP1:
-            failures.append(f"logits top-1 agreement {top1_text(logits)} < {FP16_TOP1:.0%} (fp16 target)")
+            agreement = top1_text(logits.top1, logits.top1_near_ties, logits.top1_positions)
+            failures.append(f"logits top-1 agreement {agreement} < {FP16_TOP1:.0%} (fp16 target)")
         limit = FP16_RELATIVE_MAX_ABS * logits.reference_max
         if not logits.max_abs <= limit:
             failures.append(f"logits max abs error {logits.max_abs:.3g} > 2% of the largest reference logit "
                             f"({limit:.3g})")
     return failures
-
-
-def top1_text(logits: OutputMetrics) -> str:
-    """Top-1 agreement for messages and tables: the exact share, and with near-ties counted when there are any."""
-    if logits.top1 is None:
-        return "unmeasured"
-    if not logits.top1_near_ties:
-        return f"{logits.top1:.2%}"
-    return f"{logits.top1_tie_aware:.2%} ({logits.top1:.2%} exact + {logits.top1_near_ties} near-ties)"
 
 
 def verify_export(

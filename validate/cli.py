@@ -16,7 +16,7 @@ from rich.table import Table
 
 from engines import ArtifactError, EngineError, make_runtime, open_export
 from engines.artifacts import changed_files
-from export.report import contract_table
+from export.report import contract_table, top1_text
 from safeio.terminal import interrupt_exit_code, print_error, print_plain, termination_as_interrupt
 
 from .graph_contract import GraphFileError, check_graph_file
@@ -96,8 +96,6 @@ def _read_prompts(path: str | None) -> list[str]:
 
 
 def _summary_table(report) -> Table:
-    from export.verify import top1_text  # torch is loaded by now; argument errors never import it
-
     table = Table(title=f"{report.graph_dtype} export vs eager {report.reference}", title_justify="left")
     for column in ("backend", "case", "output", "max abs", "mean abs", "top-1", "top-5", "NaN/Inf", "ok"):
         table.add_column(column)
@@ -106,7 +104,7 @@ def _summary_table(report) -> Table:
             for m in case.outputs:
                 ok = not any(f.startswith(m.name) for f in case.failures)
                 table.add_row(escape(backend.backend), case.case, m.name, f"{m.max_abs:.3g}", f"{m.mean_abs:.3g}",
-                              top1_text(m) if m.top1 is not None else "-",
+                              top1_text(m.top1, m.top1_near_ties, m.top1_positions),
                               f"{m.top5_overlap:.2%}" if m.top5_overlap is not None else "-",
                               f"{m.nan}/{m.inf}", "[green]yes[/]" if ok else "[red]NO[/]")
     return table

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from export.report import top1_text
 from safeio.staging import deferred_signals, is_writable_folder, nearest_existing
 
 if TYPE_CHECKING:  # the parity harness imports torch; `validate graph` needs none of it
@@ -23,16 +24,6 @@ def _fmt(x, spec=".3g") -> str:
     if isinstance(x, float) and math.isnan(x):
         return "nan"
     return format(x, spec)
-
-
-def _top1(metrics: dict) -> str:
-    """Top-1 agreement, with the near-ties counted as agreement shown beside it when there are any."""
-    if metrics.get("top1") is None:
-        return "-"
-    ties, positions = metrics.get("top1_near_ties") or 0, metrics.get("top1_positions") or 0
-    if not ties or not positions:
-        return _fmt(metrics["top1"], ".2%")
-    return f"{metrics['top1'] + ties / positions:.2%} ({_fmt(metrics['top1'], '.2%')} + {ties} near-ties)"
 
 
 def markdown(report: ParityReport) -> str:
@@ -61,7 +52,7 @@ def markdown(report: ParityReport) -> str:
             for m in case["outputs"]:
                 worst = m["worst"]
                 where = f"step {worst['step']} {worst['index']}" if worst["index"] is not None else "-"
-                top1 = _top1(m)
+                top1 = top1_text(m["top1"], m.get("top1_near_ties"), m.get("top1_positions"))
                 top5 = _fmt(m["top5_overlap"], ".2%") if m["top5_overlap"] is not None else "-"
                 lines.append(
                     f"| {backend['backend']} | {case['case']} | {m['name']} | {_fmt(m['max_abs'])} | "
