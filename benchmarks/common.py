@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import tempfile
@@ -25,6 +28,23 @@ def gpt2_small_checkpoint(folder: Path, seed: int = 0) -> Path:
     config = GPTMegConfig(**GPT2_SMALL, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     GPTMegLMHeadModel(config).eval().save_pretrained(folder)
     return folder
+
+
+@contextlib.contextmanager
+def repeats_and_workspace(description: str, name: str):
+    """``(args, work)`` of a benchmark taking ``--repeats`` and ``--work``; a temporary work folder (no --work) is
+    removed at the end."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp folder)")
+    args = parser.parse_args()
+    work = args.work or Path(tempfile.mkdtemp(prefix=f"gptmeg-{name}-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        yield args, work
+    finally:
+        if args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def median(values) -> float:

@@ -10,14 +10,11 @@ under 2x the fp16 model size plus one layer's shards.
 
 from __future__ import annotations
 
-import argparse
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import machine, measure_subprocess, median
+from benchmarks.common import machine, measure_subprocess, median, repeats_and_workspace
 
 MEDIUM = dict(hidden=1024, heads=16, ffn=4096, layers=24, max_pos=1024, orig_vocab=50257, divisible_by=128, tp=2,
               pp=2)
@@ -54,29 +51,22 @@ def synthetic_checkpoint(folder: Path) -> tuple[Path, int, int]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp folder)")
-    args = parser.parse_args()
-    work = args.work or Path(tempfile.mkdtemp(prefix="gptmeg-convert-bench-"))
-    work.mkdir(parents=True, exist_ok=True)
-    print(f"machine: {machine()}")
-    started = time.perf_counter()
-    src, model_bytes, block_bytes = synthetic_checkpoint(work / "megatron-medium-tp2-pp2")
-    print(f"synthetic checkpoint ready in {time.perf_counter() - started:.0f} s; fp16 model {model_bytes / 2**30:.2f} "
-          f"GiB, one block's shards {block_bytes / 2**20:.0f} MiB; goal: peak RSS < "
-          f"{(2 * model_bytes + block_bytes) / 2**30:.2f} GiB", flush=True)
-    rows = {"read every shard (torch.load)": [sys.executable, "-c", READ_ALL, str(src)],
-            "python -m gptmeg.convert": [sys.executable, "-m", "gptmeg.convert", str(src), str(work / "out"),
-                                         "--force"]}
-    print(f"| step | wall time (median of {args.repeats}) | runs (s) | peak RSS (max) |")
-    print("| --- | --- | --- | --- |")
-    for name, argv in rows.items():
-        times, peaks = zip(*(measure_subprocess(argv) for _ in range(args.repeats)))
-        print(f"| {name} | {median(times):.1f} s | {', '.join(f'{t:.1f}' for t in times)} | {max(peaks):.2f} GiB |",
-              flush=True)
-    if args.work is None:
-        shutil.rmtree(work, ignore_errors=True)
+    with repeats_and_workspace(__doc__, "convert") as (args, work):
+        print(f"machine: {machine()}")
+        started = time.perf_counter()
+        src, model_bytes, block_bytes = synthetic_checkpoint(work / "megatron-medium-tp2-pp2")
+        print(f"synthetic checkpoint ready in {time.perf_counter() - started:.0f} s; fp16 model {model_bytes / 2**30:.2f} "
+              f"GiB, one block's shards {block_bytes / 2**20:.0f} MiB; goal: peak RSS < "
+              f"{(2 * model_bytes + block_bytes) / 2**30:.2f} GiB", flush=True)
+        rows = {"read every shard (torch.load)": [sys.executable, "-c", READ_ALL, str(src)],
+                "python -m gptmeg.convert": [sys.executable, "-m", "gptmeg.convert", str(src), str(work / "out"),
+                                             "--force"]}
+        print(f"| step | wall time (median of {args.repeats}) | runs (s) | peak RSS (max) |")
+        print("| --- | --- | --- | --- |")
+        for name, argv in rows.items():
+            times, peaks = zip(*(measure_subprocess(argv) for _ in range(args.repeats)))
+            print(f"| {name} | {median(times):.1f} s | {', '.join(f'{t:.1f}' for t in times)} | {max(peaks):.2f} GiB |",
+                  flush=True)
 
 
 if __name__ == "__main__":

@@ -9,13 +9,10 @@ RSS is the child's ru_maxrss. Median of --repeats runs per dtype. Goal (issue #3
 
 from __future__ import annotations
 
-import argparse
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
-from benchmarks.common import gpt2_small_checkpoint, machine, measure_subprocess, median
+from benchmarks.common import gpt2_small_checkpoint, machine, measure_subprocess, median, repeats_and_workspace
 
 
 def run_once(model: Path, out: Path, dtype: str) -> tuple[float, float]:
@@ -25,26 +22,20 @@ def run_once(model: Path, out: Path, dtype: str) -> tuple[float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp folder)")
-    args = parser.parse_args()
-    work = args.work or Path(tempfile.mkdtemp(prefix="gptmeg-export-bench-"))
-    model = gpt2_small_checkpoint(work / "gpt2-small-random")
-    print(f"machine: {machine()}")
-    print("| dtype | export wall time (median of %d) | runs | peak RSS (max) | model.onnx size |" % args.repeats)
-    print("| --- | --- | --- | --- | --- |")
-    for dtype in ("fp32", "fp16"):
-        times, peaks = [], []
-        for _ in range(args.repeats):
-            seconds, peak = run_once(model, work / f"out-{dtype}", dtype)
-            times.append(seconds)
-            peaks.append(peak)
-        size = (work / f"out-{dtype}" / "model.onnx").stat().st_size / 2**20
-        runs = ", ".join(f"{t:.1f}" for t in times)
-        print(f"| {dtype} | {median(times):.1f} s | {runs} | {max(peaks):.2f} GiB | {size:.0f} MiB |", flush=True)
-    if args.work is None:
-        shutil.rmtree(work, ignore_errors=True)
+    with repeats_and_workspace(__doc__, "export") as (args, work):
+        model = gpt2_small_checkpoint(work / "gpt2-small-random")
+        print(f"machine: {machine()}")
+        print("| dtype | export wall time (median of %d) | runs | peak RSS (max) | model.onnx size |" % args.repeats)
+        print("| --- | --- | --- | --- | --- |")
+        for dtype in ("fp32", "fp16"):
+            times, peaks = [], []
+            for _ in range(args.repeats):
+                seconds, peak = run_once(model, work / f"out-{dtype}", dtype)
+                times.append(seconds)
+                peaks.append(peak)
+            size = (work / f"out-{dtype}" / "model.onnx").stat().st_size / 2**20
+            runs = ", ".join(f"{t:.1f}" for t in times)
+            print(f"| {dtype} | {median(times):.1f} s | {runs} | {max(peaks):.2f} GiB | {size:.0f} MiB |", flush=True)
 
 
 if __name__ == "__main__":
