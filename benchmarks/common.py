@@ -9,8 +9,8 @@ import platform
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -55,15 +55,27 @@ def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
+# Runs the measured command and reports its wall time, exit code and ru_maxrss. A child started straight from the
+# benchmark process would count the benchmark's own peak: Linux carries the forking process's memory high-water mark
+# into the child's ru_maxrss (vfork shares its mm, exec folds the old mm's peak in). Started from this small fresh
+# interpreter, the command's peak is its own.
+_LAUNCHER = """import os, subprocess, sys, time
+started = time.perf_counter()
+child = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL)
+_, status, usage = os.wait4(child.pid, 0)
+print(time.perf_counter() - started, os.waitstatus_to_exitcode(status), usage.ru_maxrss)
+"""
+
+
 def measure_subprocess(argv: list[str]) -> tuple[float, float]:
     """(wall seconds, peak RSS in GiB) of one fresh process (its own rusage, from wait4; ru_maxrss is in KiB on
-    Linux). A failing process ends the benchmark with the end of its stderr."""
+    Linux), started from a small launcher so that this process's memory does not count. A failing process ends the
+    benchmark with the end of its stderr."""
     with tempfile.TemporaryFile() as errors:
-        started = time.perf_counter()
-        child = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=errors)
-        _, status, usage = os.wait4(child.pid, 0)
-        seconds = time.perf_counter() - started
-        if os.waitstatus_to_exitcode(status) != 0:
+        done = subprocess.run([sys.executable, "-c", _LAUNCHER, *argv], stdout=subprocess.PIPE, stderr=errors,
+                              text=True)
+        fields = done.stdout.split() if done.returncode == 0 else []
+        if len(fields) != 3 or int(fields[1]) != 0:
             errors.seek(0)
             raise SystemExit(f"{' '.join(argv[:4])} failed: {errors.read().decode(errors='replace')[-2000:]}")
-    return seconds, usage.ru_maxrss / 2**20
+    return float(fields[0]), int(fields[2]) / 2**20
